@@ -1,0 +1,3 @@
+"""DeepFlow control plane."""
+
+__version__ = "0.1.0"

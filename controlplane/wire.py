@@ -174,7 +174,7 @@ class CompletionRequest(SamplingFields):
             if isinstance(value[0], (str, list)):
                 if len(value) != 1:
                     raise ValueError("send one prompt per request")
-                return value[0]  # type: ignore[return-value]
+                return value[0]
         elif value == "":
             raise ValueError("prompt must not be empty")
         return value

@@ -1,0 +1,96 @@
+"""The control plane application: routes, and a lifespan that owns the store, the recorder,
+the reconciler and the HTTP client to nodes and instances."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from controlplane.api.errors import EXCEPTION_HANDLERS
+from controlplane.api.manage import ManageRoutes
+from controlplane.api.openai import OpenAIRoutes
+from controlplane.db import store
+from controlplane.db.recorder import Recorder
+from controlplane.db.session import Database
+from controlplane.jobs.chat import ChatExecutor
+from controlplane.reconcile.reconciler import Reconciler
+from controlplane.registry import Registry
+from controlplane.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+async def health(_request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+def create_app(
+    settings: Settings,
+    *,
+    clock: Callable[[], float] = time.time,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> Starlette:
+    db = Database(settings.database_url)
+    registry = Registry()
+    recorder = Recorder(
+        db.sessions,
+        clock=clock,
+        flush_interval_s=settings.record_flush_interval_s,
+        batch_size=settings.record_batch_size,
+    )
+    timeout = httpx.Timeout(10.0, read=settings.task_idle_timeout_s)
+    limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256)
+    http = httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport)
+    reconciler = Reconciler(
+        db=db,
+        registry=registry,
+        http=http,
+        clock=clock,
+        interval_s=settings.reconcile_interval_s,
+        node_timeout_s=settings.node_timeout_s,
+    )
+    executor = ChatExecutor(
+        registry=registry,
+        recorder=recorder,
+        http=http,
+        clock=clock,
+        dispatch_timeout_s=settings.dispatch_timeout_s,
+        max_inflight_requests=settings.max_inflight_requests,
+    )
+    manage = ManageRoutes(
+        settings=settings, db=db, recorder=recorder, reconciler=reconciler, clock=clock
+    )
+    openai = OpenAIRoutes(executor, settings.max_body_bytes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        db.migrate()
+        failed = db.call(lambda s: store.fail_orphans(s, clock(), "control plane restarted"))
+        if failed:
+            log.warning("marked %d records left in flight by a previous run as failed", failed)
+        recorder.start()
+        reconciler.start()
+        try:
+            yield
+        finally:
+            await reconciler.close()
+            await recorder.close()
+            await http.aclose()
+            db.dispose()
+
+    routes = [Route("/health", health, methods=["GET"]), *openai.routes(), *manage.routes()]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
+    app.state.db = db
+    app.state.registry = registry
+    app.state.recorder = recorder
+    app.state.reconciler = reconciler
+    app.state.executor = executor
+    return app

@@ -1,0 +1,49 @@
+"""Control plane settings, read once from the environment and the command line."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def deepflow_home() -> Path:
+    return Path(os.environ.get("DEEPFLOW_HOME") or Path.home() / ".deepflow").expanduser()
+
+
+def default_database_url(home: Path) -> str:
+    return f"sqlite:///{home / 'deepflow.db'}"
+
+
+@dataclass(slots=True, frozen=True)
+class Settings:
+    home: Path
+    database_url: str
+    host: str = "127.0.0.1"
+    port: int = 8480
+    # Nodes heartbeat this often; one silent for `node_timeout_s` is unreachable.
+    heartbeat_interval_s: float = 2.0
+    node_timeout_s: float = 10.0
+    reconcile_interval_s: float = 1.0
+    # Record writes are batched: flushed when this many are queued or this much time passed.
+    record_flush_interval_s: float = 0.05
+    record_batch_size: int = 256
+    # A request waits this long for a ready instance before 503.
+    dispatch_timeout_s: float = 60.0
+    # A task's stream may stay silent this long before the instance is considered lost.
+    task_idle_timeout_s: float = 120.0
+    max_body_bytes: int = 4 * 1024 * 1024
+    # Requests in flight across the platform beyond which new ones get 429.
+    max_inflight_requests: int = 1024
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @classmethod
+    def from_env(
+        cls, *, host: str = "127.0.0.1", port: int = 8480, database_url: str | None = None
+    ) -> Settings:
+        home = deepflow_home()
+        url = database_url or os.environ.get("DEEPFLOW_DATABASE_URL") or default_database_url(home)
+        return cls(home=home, database_url=url, host=host, port=port)
