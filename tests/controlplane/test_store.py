@@ -1,0 +1,187 @@
+"""The store on both backends: migrations, records and their events, state changes, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from alembic import command
+from sqlalchemy import inspect, select
+
+from controlplane import wire
+from controlplane.db import store
+from controlplane.db import tables as t
+from controlplane.db.recorder import Recorder, Tracked
+from controlplane.db.session import Database, alembic_config
+from controlplane.errors import Conflict, NotFound
+from controlplane.states import (
+    IllegalTransition,
+    JobState,
+    RequestState,
+    TaskState,
+)
+
+
+def clock() -> float:
+    return 1000.0
+
+
+@pytest.fixture
+def db(database_url: str) -> Database:
+    database = Database(database_url)
+    database.migrate()
+    yield database
+    database.dispose()
+
+
+def test_migrations_match_models_and_round_trip(database_url: str) -> None:
+    database = Database(database_url)
+    cfg = alembic_config(database.engine)
+    command.upgrade(cfg, "head")
+    command.check(cfg)  # raises if the tables and the migrations drifted apart
+    command.downgrade(cfg, "base")
+    assert set(inspect(database.engine).get_table_names()) <= {"alembic_version"}
+    command.upgrade(cfg, "head")
+    names = set(inspect(database.engine).get_table_names())
+    assert {"models", "deployments", "nodes", "instances", "requests", "jobs", "tasks", "events"} <= names
+    database.dispose()
+
+
+def _chat_records(recorder: Recorder, rid: str, *, tasks: tuple[str, ...] = ("colocated",)):
+    request = Tracked("request", rid, RequestState.QUEUED)
+    job = Tracked("job", f"job-{rid}", JobState.PENDING)
+    tracked_tasks = [Tracked("task", f"task-{rid}-{k}", TaskState.PENDING) for k in tasks]
+    rows: list[t.Base] = [
+        t.Request(id=rid, kind="chat.completion", deployment="d", state="queued", created_at=1.0),
+        t.Job(id=job.id, request_id=rid, kind="chat", state="pending", created_at=1.0),
+    ]
+    rows += [
+        t.Task(id=tt.id, job_id=job.id, kind=k, state="pending", created_at=1.0)
+        for tt, k in zip(tracked_tasks, tasks, strict=True)
+    ]
+    recorder.create(rows, [request, job, *tracked_tasks], "accepted")
+    return request, job, tracked_tasks
+
+
+def test_recorder_batches_and_every_change_has_an_event(db: Database) -> None:
+    async def scenario() -> None:
+        recorder = Recorder(db.sessions, clock=clock, flush_interval_s=0.01)
+        recorder.start()
+        request, job, (task,) = _chat_records(recorder, "req-1")
+        recorder.move(task, TaskState.DISPATCHED, "dispatched", instance_id="inst-1")
+        recorder.move(job, JobState.RUNNING, "running")
+        recorder.move(request, RequestState.RUNNING, "running")
+        recorder.move(task, TaskState.RUNNING, "first output")
+        for rec, state in ((task, TaskState.SUCCEEDED), (job, JobState.SUCCEEDED)):
+            recorder.move(rec, state, "completed", finished_at=2.0)
+        recorder.move(request, RequestState.SUCCEEDED, "completed", completion_tokens=7)
+        # Nothing has touched the database yet: the moves were queued.
+        await recorder.close()
+        assert recorder.batches_written >= 1
+
+    asyncio.run(scenario())
+    info = db.call(lambda s: store.get_request(s, "req-1"))
+    assert info.state == "succeeded" and info.completion_tokens == 7
+    (job,) = info.jobs
+    (task,) = job.tasks
+    assert job.state == "succeeded" and task.state == "succeeded"
+    assert task.instance_id == "inst-1"
+    assert [e.to_state for e in task.events] == [
+        "pending",
+        "dispatched",
+        "running",
+        "succeeded",
+    ]
+    assert [(e.from_state, e.to_state) for e in info.events] == [
+        (None, "queued"),
+        ("queued", "running"),
+        ("running", "succeeded"),
+    ]
+    assert all(e.reason and e.at == 1000.0 for e in task.events)
+
+
+def test_recorder_rejects_illegal_moves_at_once(db: Database) -> None:
+    recorder = Recorder(db.sessions, clock=clock)
+    request, _, _ = _chat_records(recorder, "req-2")
+    with pytest.raises(IllegalTransition):
+        recorder.move(request, RequestState.SUCCEEDED, "skipped running")
+    assert request.state == RequestState.QUEUED
+
+
+def test_schema_expresses_disaggregated_and_multi_job_requests(db: Database) -> None:
+    async def scenario() -> None:
+        recorder = Recorder(db.sessions, clock=clock)
+        _chat_records(recorder, "req-pd", tasks=("prefill", "decode"))
+        ft = Tracked("request", "req-ft", RequestState.QUEUED)
+        jobs = [
+            Tracked("job", f"job-ft-{k}", JobState.PENDING)
+            for k in ("validate", "train", "evaluate", "register")
+        ]
+        rows: list[t.Base] = [
+            t.Request(id=ft.id, kind="fine_tune", state="queued", created_at=1.0)
+        ]
+        rows += [
+            t.Job(id=j.id, request_id=ft.id, kind=f"fine_tune_{j.id.split('-')[-1]}",
+                  state="pending", created_at=1.0)
+            for j in jobs
+        ]
+        recorder.create(rows, [ft, *jobs], "accepted")
+        await recorder.close()
+
+    asyncio.run(scenario())
+    pd = db.call(lambda s: store.get_request(s, "req-pd"))
+    assert [task.kind for task in pd.jobs[0].tasks] == ["prefill", "decode"]
+    ft = db.call(lambda s: store.get_request(s, "req-ft"))
+    assert len(ft.jobs) == 4
+
+
+def test_fail_orphans_leaves_nothing_in_flight(db: Database) -> None:
+    async def scenario() -> None:
+        recorder = Recorder(db.sessions, clock=clock)
+        _, job, (task,) = _chat_records(recorder, "req-3")
+        recorder.move(task, TaskState.DISPATCHED, "dispatched")
+        await recorder.close()
+
+    asyncio.run(scenario())
+    count = db.call(lambda s: store.fail_orphans(s, 5.0, "control plane restarted"))
+    assert count == 3
+    info = db.call(lambda s: store.get_request(s, "req-3"))
+    assert info.state == "failed" and info.error == "control plane restarted"
+    assert info.jobs[0].tasks[0].state == "failed"
+    assert info.jobs[0].tasks[0].events[-1].reason == "control plane restarted"
+    assert db.call(lambda s: store.fail_orphans(s, 6.0, "again")) == 0
+
+
+def test_change_state_checks_the_table(db: Database) -> None:
+    def setup(s):
+        row = t.Node(id="n1", name="n1", url="u", state="ready", resources={"cpus": 1,
+                     "memory_bytes": 1}, created_at=1.0, updated_at=1.0)
+        store.insert_created(s, [row], [store.StateChange("node", "n1", None, "ready", "r", 1.0)])
+
+    db.call(setup)
+    change = db.call(lambda s: store.change_state(s, "node", "n1", "unreachable", "silent", 2.0))
+    assert change is not None and change.from_state == "ready"
+    assert db.call(lambda s: store.change_state(s, "node", "n1", "unreachable", "again", 3.0)) is None
+    with pytest.raises(NotFound):
+        db.call(lambda s: store.change_state(s, "node", "nope", "down", "x", 3.0))
+    events = db.call(lambda s: store.events_of(s, "node", "n1"))
+    assert [e.to_state for e in events] == ["ready", "unreachable"]
+
+
+def test_models_and_deployments(db: Database) -> None:
+    model = t.Model(name="m", path="/x", source="import", created_at=1.0)
+    db.call(lambda s: store.add_model(s, model))
+    with pytest.raises(Conflict):
+        db.call(lambda s: store.add_model(s, t.Model(name="m", path="/y", source="import",
+                                                      created_at=1.0)))
+    spec = wire.DeploymentCreate(name="d", model="m", replicas=2)
+    db.call(lambda s: store.add_deployment(s, spec, 1.0))
+    with pytest.raises(NotFound):
+        db.call(lambda s: store.add_deployment(s, wire.DeploymentCreate(name="e", model="zz"), 1.0))
+    with pytest.raises(Conflict):
+        db.call(lambda s: store.delete_model(s, "m"))
+    info = db.call(lambda s: store.deployment_info(s, store.get_deployment(s, "d")))
+    assert info.replicas == 2 and info.ready_replicas == 0
+    db.call(lambda s: store.delete_deployment_row(s, "d"))
+    db.call(lambda s: store.delete_model(s, "m"))
+    assert db.call(lambda s: s.scalars(select(t.Model)).all()) == []

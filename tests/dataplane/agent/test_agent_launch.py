@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import sys
+
+import pytest
+from agent_fakes import make_start
+
+from dataplane.agent.errors import InvalidStart
+from dataplane.agent.launch import check_instance_id, engine_flags, flowserve_command
+
+
+def test_flowserve_command() -> None:
+    start = make_start("inst-1", "qwen", max_model_len=256, enforce_eager=True)
+    assert flowserve_command(start, 9000) == [
+        sys.executable,
+        "-m",
+        "dataplane.flowserve",
+        "--model",
+        "/models/m",
+        "--port",
+        "9000",
+        "--host",
+        "127.0.0.1",
+        "--instance-id",
+        "inst-1",
+        "--model-name",
+        "qwen",
+        "--max-model-len",
+        "256",
+        "--enforce-eager",
+    ]
+
+
+def test_engine_flags_types() -> None:
+    args = {
+        "gpu_memory_utilization": 0.5,
+        "enforce_eager": False,
+        "skip": None,
+        "cuda_graph_sizes": [1, 2, 4],
+        "dtype": "bfloat16",
+        "hf_overrides": {"a": 1},
+    }
+    assert engine_flags(args) == [
+        "--gpu-memory-utilization",
+        "0.5",
+        "--no-enforce-eager",
+        "--cuda-graph-sizes",
+        "1",
+        "2",
+        "4",
+        "--dtype",
+        "bfloat16",
+        "--hf-overrides",
+        '{"a":1}',
+    ]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [{"port": 1}, {"model": "x"}, {"Bad-Key": 1}, {"x; rm": 1}, {"sizes": []}, {"o": [{}]}],
+)
+def test_engine_flags_rejects(args: dict[str, object]) -> None:
+    with pytest.raises(InvalidStart) as info:
+        engine_flags(args)
+    assert info.value.param is not None and info.value.param.startswith("engine_args.")
+
+
+@pytest.mark.parametrize("bad", ["../etc", "a/b", "", ".hidden", "x" * 129, "a b"])
+def test_instance_id_must_be_a_file_name(bad: str) -> None:
+    with pytest.raises(InvalidStart):
+        check_instance_id(bad)
+
+
+def test_instance_id_ok() -> None:
+    check_instance_id("dep-a.0_1")
