@@ -101,8 +101,9 @@ def change_state(
 
 
 def insert_created(session: Session, rows: Sequence[t.Base], events: Sequence[StateChange]) -> None:
-    session.add_all(rows)
-    session.flush()
+    for row in rows:  # in the given order: parents before the rows that refer to them
+        session.add(row)
+        session.flush()
     session.add_all([_event(e) for e in events])
 
 
