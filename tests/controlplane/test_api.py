@@ -1,0 +1,69 @@
+"""The control plane app in-process: management routes, and the 503 path with its records."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from controlplane.app import create_app
+from controlplane.settings import Settings
+from dataplane.modelstore import create_random
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return create_random(tmp_path_factory.mktemp("models") / "tiny", "tiny")
+
+
+@pytest.fixture
+def client(database_url: str, tmp_path: Path) -> TestClient:
+    settings = dataclasses.replace(
+        Settings(home=tmp_path, database_url=database_url), dispatch_timeout_s=0.3
+    )
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def test_models_and_deployments_routes(client: TestClient, tiny_model: Path) -> None:
+    reply = client.post("/api/v1/models", json={"name": "tiny", "path": str(tiny_model)})
+    assert reply.status_code == 201, reply.text
+    assert reply.json()["architecture"] == "LlamaForCausalLM"
+    assert client.post("/api/v1/models", json={"name": "tiny", "path": str(tiny_model)}).status_code == 409
+    bad = client.post("/api/v1/models", json={"name": "x", "path": "/nonexistent"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "path"
+    assert client.post("/api/v1/models", json={"name": "Bad Name!", "path": "/x"}).status_code == 400
+
+    reply = client.post("/api/v1/deployments", json={"name": "d", "model": "tiny", "replicas": 0})
+    assert reply.status_code == 201 and reply.json()["replicas"] == 0
+    missing = client.post("/api/v1/deployments", json={"name": "e", "model": "nope"})
+    assert missing.status_code == 404
+    assert client.patch("/api/v1/deployments/d", json={"replicas": 2}).json()["replicas"] == 2
+    assert client.get("/api/v1/deployments/zz").status_code == 404
+    assert client.delete("/api/v1/deployments/d").status_code == 200
+    assert client.get("/api/v1/deployments").json()["data"] == []
+    assert client.get("/api/v1/requests?limit=0").status_code == 400
+
+
+def test_no_ready_instance_is_503_and_records_end_failed(
+    client: TestClient, tiny_model: Path
+) -> None:
+    client.post("/api/v1/models", json={"name": "tiny", "path": str(tiny_model)})
+    client.post("/api/v1/deployments", json={"name": "d", "model": "tiny", "replicas": 0})
+    client.app.state.reconciler.kick()
+    for _ in range(50):
+        if client.get("/v1/models").json()["data"]:
+            break
+        time.sleep(0.05)
+    body = {"model": "d", "messages": [{"role": "user", "content": "hi"}]}
+    reply = client.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 503, reply.text
+    assert reply.json()["error"]["code"] == "no_ready_instance"
+    (record,) = client.get("/api/v1/requests").json()["data"]
+    full = client.get(f"/api/v1/requests/{record['id']}").json()
+    assert full["state"] == "failed"
+    assert full["jobs"][0]["state"] == "failed"
+    assert full["jobs"][0]["tasks"][0]["state"] == "failed"
