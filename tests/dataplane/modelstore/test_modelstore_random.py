@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dataplane.modelstore import (
     PRESETS,
@@ -17,6 +19,7 @@ from dataplane.modelstore import (
     inspect_folder,
 )
 from dataplane.modelstore import random_model as random_model_module
+from dataplane.modelstore.tokenizer_build import TokenIds
 from dataplane.modelstore.weights import INDEX_FILE, plan_shards, tensor_specs, write_weights
 
 
@@ -197,3 +200,23 @@ def test_presets_are_consistent() -> None:
         assert preset.hidden_size % preset.num_attention_heads == 0
         assert preset.num_attention_heads % preset.num_key_value_heads == 0
         assert preset.vocab_size >= 512
+
+
+def test_large_preset_config(tmp_path: Path) -> None:
+    # Only the configs: the 1B weights take a minute to write.
+    ids = TokenIds(bos=0, eos=2, pad=0, vocab_size=640)
+    random_model_module._write_configs(tmp_path, PRESETS["llama-1b"], ids, "bfloat16")
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (2048, 16, 128256)
+    assert config.rope_parameters["rope_theta"] == 500000.0
+    assert config.tie_word_embeddings
+    assert (config.bos_token_id, config.eos_token_id) == (0, 2)
+
+
+def test_importing_the_package_does_not_import_torch() -> None:
+    # The CLI imports the package for every command; torch costs seconds.
+    code = "import sys, dataplane.modelstore; print('torch' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"
