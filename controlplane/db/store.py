@@ -80,11 +80,15 @@ def change_state(
     kind: EntityKind,
     entity_id: str,
     to_state: str,
-    reason: str,
+    why: str,
     now: float,
+    /,
     **fields: Any,
 ) -> StateChange | None:
-    """Read the row's state, check the move against the table and write it. None if unchanged."""
+    """Read the row's state, check the move against the table and write it. None if unchanged.
+
+    `why` becomes the event's reason; `fields` are columns set with the change (an instance's
+    own `reason` column among them)."""
     table = _TABLES[kind]
     row = session.get(table, entity_id)
     if row is None:
@@ -95,7 +99,7 @@ def change_state(
     if current == target:
         return None
     check_transition(current, target)
-    change = StateChange(kind, entity_id, current.value, target.value, reason, now, fields)
+    change = StateChange(kind, entity_id, current.value, target.value, why, now, fields)
     write_changes(session, [change])
     return change
 

@@ -24,6 +24,11 @@ def error_reply(status: int, message: str, type_: str = "invalid_request_error")
     return httpx.Response(status, json=body.model_dump(mode="json"))
 
 
+def refuse(request: httpx.Request) -> httpx.Response:
+    """A reply for `FakeApi.on`: nothing listens (yet)."""
+    raise httpx.ConnectError("connection refused", request=request)
+
+
 def sse_reply(deltas: list[str], model: str = "demo") -> httpx.Response:
     chunks = [
         wire.ChatCompletionChunk(
@@ -191,4 +196,3 @@ def request_record(state: str = "finished") -> wire.RequestInfo:
             event("request", "req-1", "queued", "running", NOW + 0.3),
         ],
     )
-

@@ -6,6 +6,9 @@ import pytest
 from cli_fakes import FakeApi, Invoke
 from typer.testing import CliRunner, Result
 
+# Imported while pytest still has the repository root on sys.path: later, `tests/dataplane` (no
+# __init__.py) would shadow the real package as a namespace package.
+import dataplane.modelstore  # noqa: F401
 from deepflow_cli import main
 from deepflow_cli.client import DeepFlowClient
 
@@ -20,6 +23,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def api(home: Path, monkeypatch: pytest.MonkeyPatch) -> FakeApi:
     fake = FakeApi()
+
     def factory(url: str) -> DeepFlowClient:
         fake.urls.append(url)
         return DeepFlowClient(url, transport=fake.transport())

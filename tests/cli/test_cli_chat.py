@@ -102,6 +102,10 @@ def test_invoke_errors(api: FakeApi, cli: Invoke) -> None:
     assert refused.exit_code == ExitCode.ERROR
     assert refused.stderr.strip() == "error: messages: field required"
 
+    api.on("POST", "/v1/missing", error_reply(404, "no such route"))
+    missing = cli("invoke", "/v1/missing", "--data", "{}")
+    assert missing.exit_code == ExitCode.ERROR  # for scripts: any refusal is 1
+
     bad_json = cli("invoke", "/v1/x", "--data", "{nope")
     assert bad_json.exit_code == ExitCode.ERROR
     assert "--data is not valid JSON" in bad_json.stderr

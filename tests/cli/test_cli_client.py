@@ -104,7 +104,9 @@ def test_chat_stream_ignores_what_follows_done_and_reports_error_events() -> Non
     assert list(client_for(fake).chat_stream("demo", USER)) == ["ok"]
 
     error = {"error": {"message": "engine failed", "type": "server_error"}}
-    fake.on("POST", "/v1/chat/completions", httpx.Response(200, text=f"data: {json.dumps(error)}\n\n"))
+    fake.on(
+        "POST", "/v1/chat/completions", httpx.Response(200, text=f"data: {json.dumps(error)}\n\n")
+    )
     with pytest.raises(CliError, match="engine failed"):
         list(client_for(fake).chat_stream("demo", USER))
 

@@ -16,6 +16,7 @@ from cli_fakes import (
     platform,
     request_record,
 )
+from pydantic import BaseModel
 
 from deepflow_cli.errors import ExitCode
 
@@ -107,7 +108,9 @@ def test_request_get_shows_jobs_tasks_and_events_in_order(api: FakeApi, cli: Inv
     assert "job-1" in out and "task-1" in out
     assert "queued -> running" in out
     # one timeline, oldest first: request queued, job queued, task running, request running
-    order = [out.index(s) for s in ("request req-1", "job job-1", "task task-1", "queued -> running")]
+    order = [
+        out.index(s) for s in ("request req-1", "job job-1", "task task-1", "queued -> running")
+    ]
     assert order == sorted(order)
 
     data = json.loads(cli("requests", "get", "req-1", "--json").stdout)
@@ -125,7 +128,7 @@ def test_request_get_shows_jobs_tasks_and_events_in_order(api: FakeApi, cli: Inv
     ],
 )
 def test_every_record_lists_as_json(
-    api: FakeApi, cli: Invoke, noun: str, path: str, reply: list, key: str
+    api: FakeApi, cli: Invoke, noun: str, path: str, reply: list[BaseModel], key: str
 ) -> None:
     api.on("GET", path, reply)
     result = cli(noun, "list", "--json")
