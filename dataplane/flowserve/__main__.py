@@ -1,0 +1,84 @@
+"""`python -m dataplane.flowserve --model PATH --port P [...]`: one FlowServe instance."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+import transformers
+import uvicorn
+
+from dataplane.flowserve.config import DTYPES, EngineConfig
+from dataplane.flowserve.engine import Engine
+from dataplane.flowserve.errors import FlowServeError
+from dataplane.flowserve.server import create_app
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m dataplane.flowserve", description=__doc__)
+    parser.add_argument("--model", required=True, help="a local Hugging Face model folder")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--instance-id", default=None)
+    parser.add_argument("--model-name", default=None, help="reported name (default: the folder's)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--graceful-timeout",
+        type=int,
+        default=8,
+        help="seconds in-flight streams get to finish after SIGTERM (below the agent's 10 s grace)",
+    )
+    parser.add_argument("--log-level", default="warning")
+    return parser.parse_args(argv)
+
+
+def _after_graceful_shutdown(signum: int, frame: FrameType | None) -> None:
+    """Uvicorn's own handlers replace this one while it serves."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        config = EngineConfig(
+            model=args.model,
+            dtype=args.dtype,
+            device=args.device,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            seed=args.seed,
+        )
+    except FlowServeError as exc:
+        print(f"flowserve: {exc}", file=sys.stderr)
+        return 2
+    model_name = args.model_name or Path(args.model).resolve().name
+    app = create_app(lambda: Engine(config), model_name=model_name, instance_id=args.instance_id)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=args.graceful_timeout,
+        )
+    )
+    # uvicorn turns SIGTERM/SIGINT into a graceful shutdown: stop accepting, let streams finish
+    # (up to the timeout), then run the lifespan's exit, which stops the engine thread. Afterwards
+    # it re-raises the signal to the handler it found; a no-op one lets a drained instance exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _after_graceful_shutdown)
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

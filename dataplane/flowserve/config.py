@@ -1,0 +1,69 @@
+"""Engine configuration: what the operator chooses, and how `None` ("auto") resolves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from dataplane.flowserve.errors import ConfigError
+
+DType = Literal["float32", "bfloat16", "float16"]
+Device = Literal["cpu", "cuda"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DEFAULT_MAX_MODEL_LEN = 4096
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """`None` means auto: the device is cuda when one is present, the dtype float32 on cpu and
+    bfloat16 on cuda, max_model_len min(max_position_embeddings, 4096)."""
+
+    model: str
+    dtype: DType | None = None
+    device: Device | None = None
+    max_model_len: int | None = None
+    max_num_seqs: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, not {self.dtype!r}")
+        if self.device is not None and self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"device must be cpu or cuda, not {self.device!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError("max_model_len must be at least 1")
+        if self.max_num_seqs < 1:
+            raise ConfigError("max_num_seqs must be at least 1")
+
+
+def resolve_device(device: Device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for but no CUDA device is present")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: DType | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return DTYPES[dtype]
+
+
+def resolve_max_model_len(requested: int | None, hf_config: Any) -> int:
+    """The model's limit caps what the operator asks for; asking past it is an error, as in vLLM."""
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    if requested is None:
+        return DEFAULT_MAX_MODEL_LEN if limit is None else min(int(limit), DEFAULT_MAX_MODEL_LEN)
+    if limit is not None and requested > int(limit):
+        raise ConfigError(
+            f"max_model_len {requested} is larger than the model's max_position_embeddings {limit}"
+        )
+    return requested
