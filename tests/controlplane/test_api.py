@@ -32,10 +32,15 @@ def test_models_and_deployments_routes(client: TestClient, tiny_model: Path) -> 
     reply = client.post("/api/v1/models", json={"name": "tiny", "path": str(tiny_model)})
     assert reply.status_code == 201, reply.text
     assert reply.json()["architecture"] == "LlamaForCausalLM"
-    assert client.post("/api/v1/models", json={"name": "tiny", "path": str(tiny_model)}).status_code == 409
+    assert (
+        client.post("/api/v1/models", json={"name": "tiny", "path": str(tiny_model)}).status_code
+        == 409
+    )
     bad = client.post("/api/v1/models", json={"name": "x", "path": "/nonexistent"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "path"
-    assert client.post("/api/v1/models", json={"name": "Bad Name!", "path": "/x"}).status_code == 400
+    assert (
+        client.post("/api/v1/models", json={"name": "Bad Name!", "path": "/x"}).status_code == 400
+    )
 
     reply = client.post("/api/v1/deployments", json={"name": "d", "model": "tiny", "replicas": 0})
     assert reply.status_code == 201 and reply.json()["replicas"] == 0

@@ -19,8 +19,16 @@ N1 = NodeView("n1", "http://n1", NodeState.READY, NOW)
 N2 = NodeView("n2", "http://n2", NodeState.READY, NOW)
 
 
-def inst(iid: str, state: InstanceState, *, dep: str = "d", node: str = "n1", inflight: int = 0,
-         created: float = 1.0, updated: float = 1.0) -> InstanceView:
+def inst(
+    iid: str,
+    state: InstanceState,
+    *,
+    dep: str = "d",
+    node: str = "n1",
+    inflight: int = 0,
+    created: float = 1.0,
+    updated: float = 1.0,
+) -> InstanceView:
     return InstanceView(iid, dep, node, state, inflight, created, updated)
 
 
@@ -68,8 +76,11 @@ def test_crash_loop_backs_off() -> None:
 
 
 def test_pick_instance_least_loaded_deterministic() -> None:
-    cands = [InstanceLoad("b", None, "u", 1), InstanceLoad("a", None, "u", 1),
-             InstanceLoad("c", None, "u", 0)]
+    cands = [
+        InstanceLoad("b", None, "u", 1),
+        InstanceLoad("a", None, "u", 1),
+        InstanceLoad("c", None, "u", 0),
+    ]
     assert pick_instance(cands).id == "c"
     assert pick_instance(cands, frozenset({"c"})).id == "a"
     assert pick_instance([]) is None

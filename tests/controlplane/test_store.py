@@ -43,7 +43,16 @@ def test_migrations_match_models_and_round_trip(database_url: str) -> None:
     assert set(inspect(database.engine).get_table_names()) <= {"alembic_version"}
     command.upgrade(cfg, "head")
     names = set(inspect(database.engine).get_table_names())
-    assert {"models", "deployments", "nodes", "instances", "requests", "jobs", "tasks", "events"} <= names
+    assert {
+        "models",
+        "deployments",
+        "nodes",
+        "instances",
+        "requests",
+        "jobs",
+        "tasks",
+        "events",
+    } <= names
     database.dispose()
 
 
@@ -117,12 +126,15 @@ def test_schema_expresses_disaggregated_and_multi_job_requests(db: Database) -> 
             Tracked("job", f"job-ft-{k}", JobState.PENDING)
             for k in ("validate", "train", "evaluate", "register")
         ]
-        rows: list[t.Base] = [
-            t.Request(id=ft.id, kind="fine_tune", state="queued", created_at=1.0)
-        ]
+        rows: list[t.Base] = [t.Request(id=ft.id, kind="fine_tune", state="queued", created_at=1.0)]
         rows += [
-            t.Job(id=j.id, request_id=ft.id, kind=f"fine_tune_{j.id.split('-')[-1]}",
-                  state="pending", created_at=1.0)
+            t.Job(
+                id=j.id,
+                request_id=ft.id,
+                kind=f"fine_tune_{j.id.split('-')[-1]}",
+                state="pending",
+                created_at=1.0,
+            )
             for j in jobs
         ]
         recorder.create(rows, [ft, *jobs], "accepted")
@@ -154,14 +166,23 @@ def test_fail_orphans_leaves_nothing_in_flight(db: Database) -> None:
 
 def test_change_state_checks_the_table(db: Database) -> None:
     def setup(s):
-        row = t.Node(id="n1", name="n1", url="u", state="ready", resources={"cpus": 1,
-                     "memory_bytes": 1}, created_at=1.0, updated_at=1.0)
+        row = t.Node(
+            id="n1",
+            name="n1",
+            url="u",
+            state="ready",
+            resources={"cpus": 1, "memory_bytes": 1},
+            created_at=1.0,
+            updated_at=1.0,
+        )
         store.insert_created(s, [row], [store.StateChange("node", "n1", None, "ready", "r", 1.0)])
 
     db.call(setup)
     change = db.call(lambda s: store.change_state(s, "node", "n1", "unreachable", "silent", 2.0))
     assert change is not None and change.from_state == "ready"
-    assert db.call(lambda s: store.change_state(s, "node", "n1", "unreachable", "again", 3.0)) is None
+    assert (
+        db.call(lambda s: store.change_state(s, "node", "n1", "unreachable", "again", 3.0)) is None
+    )
     with pytest.raises(NotFound):
         db.call(lambda s: store.change_state(s, "node", "nope", "down", "x", 3.0))
     events = db.call(lambda s: store.events_of(s, "node", "n1"))
@@ -172,8 +193,11 @@ def test_models_and_deployments(db: Database) -> None:
     model = t.Model(name="m", path="/x", source="import", created_at=1.0)
     db.call(lambda s: store.add_model(s, model))
     with pytest.raises(Conflict):
-        db.call(lambda s: store.add_model(s, t.Model(name="m", path="/y", source="import",
-                                                      created_at=1.0)))
+        db.call(
+            lambda s: store.add_model(
+                s, t.Model(name="m", path="/y", source="import", created_at=1.0)
+            )
+        )
     spec = wire.DeploymentCreate(name="d", model="m", replicas=2)
     db.call(lambda s: store.add_deployment(s, spec, 1.0))
     with pytest.raises(NotFound):

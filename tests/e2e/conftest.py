@@ -50,7 +50,9 @@ class Platform:
             timeout=timeout,
         )
 
-    def wait_ready(self, deployment: str, replicas: int = 1, timeout: float = START_TIMEOUT_S) -> dict:
+    def wait_ready(
+        self, deployment: str, replicas: int = 1, timeout: float = START_TIMEOUT_S
+    ) -> dict:
         deadline = time.monotonic() + timeout
         info: dict = {}
         while time.monotonic() < deadline:
@@ -61,8 +63,9 @@ class Platform:
         raise AssertionError(f"{deployment} not ready in {timeout}s: {info}\n{self.logs()}")
 
     def deploy(self, name: str, model: str = "tiny", replicas: int = 1) -> dict:
-        reply = self.api("POST", "/api/v1/deployments", json={"name": name, "model": model,
-                                                               "replicas": replicas})
+        reply = self.api(
+            "POST", "/api/v1/deployments", json={"name": name, "model": model, "replicas": replicas}
+        )
         assert reply.status_code == 201, reply.text
         return self.wait_ready(name, replicas)
 
@@ -88,8 +91,9 @@ class Platform:
 def _spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def _stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
@@ -108,16 +112,33 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     home = tmp_path_factory.mktemp("deepflow-home")
     port, agent_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "DEEPFLOW_HOME": str(home), "DEEPFLOW_URL": url,
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "DEEPFLOW_HOME": str(home),
+        "DEEPFLOW_URL": url,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     plat = Platform(home=home, url=url, env=env)
     plat.procs["controlplane"] = _spawn(
-        [sys.executable, "-m", "controlplane", "--port", str(port)], env,
+        [sys.executable, "-m", "controlplane", "--port", str(port)],
+        env,
         home / "logs" / "controlplane.log",
     )
     plat.procs["agent"] = _spawn(
-        [sys.executable, "-m", "dataplane.agent", "--control-plane", url, "--port",
-         str(agent_port), "--name", "e2e-node"], env, home / "logs" / "agent.log",
+        [
+            sys.executable,
+            "-m",
+            "dataplane.agent",
+            "--control-plane",
+            url,
+            "--port",
+            str(agent_port),
+            "--name",
+            "e2e-node",
+        ],
+        env,
+        home / "logs" / "agent.log",
     )
     try:
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -1,4 +1,4 @@
-"""Cancellation, a killed instance and bad input: nothing is left in flight, the server serves on."""
+"""Cancellation, a killed instance and bad input: nothing is left in flight; serving goes on."""
 
 from __future__ import annotations
 
@@ -15,8 +15,12 @@ from tests.e2e.conftest import Platform
 
 pytestmark = pytest.mark.e2e
 
-LONG = {"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 4000,
-        "stream": True, "ignore_eos": True}
+LONG = {
+    "messages": [{"role": "user", "content": "Tell a long story."}],
+    "max_tokens": 4000,
+    "stream": True,
+    "ignore_eos": True,
+}
 
 
 def _instance_health(platform: Platform, deployment: str) -> list[dict]:
@@ -26,8 +30,9 @@ def _instance_health(platform: Platform, deployment: str) -> list[dict]:
 
 def test_client_disconnect_cancels_the_task(platform: Platform, chat_deployment: str) -> None:
     with httpx.Client(base_url=platform.url, timeout=30) as c:
-        with c.stream("POST", "/v1/chat/completions",
-                      json={**LONG, "model": chat_deployment}) as reply:
+        with c.stream(
+            "POST", "/v1/chat/completions", json={**LONG, "model": chat_deployment}
+        ) as reply:
             assert reply.status_code == 200
             request_id = reply.headers["x-request-id"]
             lines = reply.iter_lines()
@@ -50,9 +55,13 @@ def test_instance_killed_mid_stream(platform: Platform) -> None:
     info = platform.deploy("victim", replicas=1)
     (instance,) = info["instances"]
     c = openai.OpenAI(base_url=f"{platform.url}/v1", api_key="x", max_retries=0)
-    stream = c.chat.completions.create(model="victim", messages=LONG["messages"],
-                                       max_tokens=4000, stream=True,
-                                       extra_body={"ignore_eos": True})
+    stream = c.chat.completions.create(
+        model="victim",
+        messages=LONG["messages"],
+        max_tokens=4000,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     request_id = None
     with pytest.raises(openai.APIError):
         for i, chunk in enumerate(stream):
@@ -85,24 +94,64 @@ BAD = [
     (json.dumps({"model": "M", "messages": [{"role": "user", "content": ""}]}).encode(), 400),
     (json.dumps({"model": "M", "messages": "hello"}).encode(), 400),
     (json.dumps({"model": "M", "messages": [{"role": "wizard", "content": "x"}]}).encode(), 400),
-    (json.dumps({"model": "M", "messages": [{"role": "user", "content": "x"}],
-                 "temperature": 3}).encode(), 400),
-    (json.dumps({"model": "M", "messages": [{"role": "user", "content": "x"}],
-                 "max_tokens": 0}).encode(), 400),
-    (json.dumps({"model": "M", "messages": [{"role": "user", "content": "x"}],
-                 "max_tokens": "ten"}).encode(), 400),
-    (json.dumps({"model": "M", "messages": [{"role": "user", "content": "x"}],
-                 "n": 1000}).encode(), 400),
-    (json.dumps({"model": "M", "messages": [{"role": "user", "content": "x"}],
-                 "bogus_field": 1}).encode(), 400),
-    (json.dumps({"model": "M", "messages": [{"role": "user", "content": "x"}],
-                 "stop": ["a", "b", "c", "d", "e"]}).encode(), 400),
-    (json.dumps({"model": "M", "messages": [{"role": "user", "content": "x"}],
-                 "top_p": 0}).encode(), 400),
-    (json.dumps({"model": "M", "messages": [{"role": "user", "content": "x" * 100_000}]}).encode(),
-     400),
-    (json.dumps({"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}).encode(),
-     404),
+    (
+        json.dumps(
+            {"model": "M", "messages": [{"role": "user", "content": "x"}], "temperature": 3}
+        ).encode(),
+        400,
+    ),
+    (
+        json.dumps(
+            {"model": "M", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}
+        ).encode(),
+        400,
+    ),
+    (
+        json.dumps(
+            {"model": "M", "messages": [{"role": "user", "content": "x"}], "max_tokens": "ten"}
+        ).encode(),
+        400,
+    ),
+    (
+        json.dumps(
+            {"model": "M", "messages": [{"role": "user", "content": "x"}], "n": 1000}
+        ).encode(),
+        400,
+    ),
+    (
+        json.dumps(
+            {"model": "M", "messages": [{"role": "user", "content": "x"}], "bogus_field": 1}
+        ).encode(),
+        400,
+    ),
+    (
+        json.dumps(
+            {
+                "model": "M",
+                "messages": [{"role": "user", "content": "x"}],
+                "stop": ["a", "b", "c", "d", "e"],
+            }
+        ).encode(),
+        400,
+    ),
+    (
+        json.dumps(
+            {"model": "M", "messages": [{"role": "user", "content": "x"}], "top_p": 0}
+        ).encode(),
+        400,
+    ),
+    (
+        json.dumps(
+            {"model": "M", "messages": [{"role": "user", "content": "x" * 100_000}]}
+        ).encode(),
+        400,
+    ),
+    (
+        json.dumps(
+            {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}
+        ).encode(),
+        404,
+    ),
     (b"{" + b'"model": "M", "pad": "' + b"x" * (5 * 1024 * 1024) + b'"}', 400),
 ]
 
@@ -113,13 +162,20 @@ def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(
     with httpx.Client(base_url=platform.url, timeout=60) as c:
         for body, status in BAD:
             body = body.replace(b'"M"', json.dumps(chat_deployment).encode())
-            reply = c.post("/v1/chat/completions", content=body,
-                           headers={"content-type": "application/json"})
+            reply = c.post(
+                "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+            )
             assert reply.status_code == status, (body[:80], reply.text)
             error = reply.json()["error"]
             assert set(error) == {"message", "type", "param", "code"} and error["message"]
-        ok = c.post("/v1/chat/completions", json={"model": chat_deployment, "max_tokens": 3,
-                                                  "messages": [{"role": "user", "content": "x"}]})
+        ok = c.post(
+            "/v1/chat/completions",
+            json={
+                "model": chat_deployment,
+                "max_tokens": 3,
+                "messages": [{"role": "user", "content": "x"}],
+            },
+        )
         assert ok.status_code == 200, ok.text
         assert ok.json()["choices"][0]["message"]["role"] == "assistant"
     # Nothing the bad requests touched is left in flight.
