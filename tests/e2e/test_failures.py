@@ -182,3 +182,21 @@ def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(
     for state in ("queued", "running"):
         left = platform.api("GET", f"/api/v1/requests?state={state}").json()["data"]
         assert left == []
+
+
+def test_non_streamed_client_that_gives_up_cancels_the_task(
+    platform: Platform, chat_deployment: str
+) -> None:
+    body = {**LONG, "stream": False, "model": chat_deployment}
+    with httpx.Client(base_url=platform.url, timeout=1.5) as c:
+        with pytest.raises(httpx.ReadTimeout):
+            c.post("/v1/chat/completions", json=body)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        (latest,) = platform.api("GET", "/api/v1/requests?limit=1").json()["data"]
+        if latest["state"] == "cancelled":
+            break
+        time.sleep(0.2)
+    assert latest["state"] == "cancelled", latest
+    record = platform.request_record(latest["id"])
+    assert record["jobs"][0]["tasks"][0]["state"] == "cancelled"

@@ -22,18 +22,12 @@ def test_models_lists_deployments(platform: Platform, chat_deployment: str) -> N
 
 
 def test_chat_non_streamed_with_usage_and_records(platform: Platform, chat_deployment: str) -> None:
-    reply = (
-        client(platform).chat.completions.create(
-            model=chat_deployment, messages=MESSAGES, max_tokens=8, temperature=0, ignore_eos=True
-        )
-        if False
-        else client(platform).chat.completions.create(
-            model=chat_deployment,
-            messages=MESSAGES,
-            max_tokens=8,
-            temperature=0,
-            extra_body={"ignore_eos": True},
-        )
+    reply = client(platform).chat.completions.create(
+        model=chat_deployment,
+        messages=MESSAGES,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"ignore_eos": True},
     )
     assert reply.object == "chat.completion"
     assert reply.choices[0].message.role == "assistant"
