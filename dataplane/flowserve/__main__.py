@@ -28,7 +28,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, default=2048, help="token budget of one step"
+    )
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--kv-cache-memory", type=int, default=None, help="KV cache budget in bytes"
+    )
+    budget.add_argument(
+        "--kv-cache-fraction",
+        type=float,
+        default=None,
+        help="KV cache budget as a fraction of free memory (default 0.1 on CPU, 0.85 on CUDA)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--graceful-timeout",
@@ -55,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            block_size=args.block_size,
+            kv_cache_bytes=args.kv_cache_memory,
+            kv_cache_fraction=args.kv_cache_fraction,
             seed=args.seed,
         )
     except FlowServeError as exc:

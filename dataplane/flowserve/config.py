@@ -18,6 +18,8 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 DEFAULT_MAX_MODEL_LEN = 4096
+CUDA_KV_FRACTION = 0.85
+CPU_KV_FRACTION = 0.1
 
 
 @dataclass(slots=True)
@@ -29,7 +31,14 @@ class EngineConfig:
     dtype: DType | None = None
     device: Device | None = None
     max_model_len: int | None = None
-    max_num_seqs: int = 16
+    max_num_seqs: int = 64
+    # Chunked prefill: at most this many tokens are computed per step (decodes count one each).
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    # The KV cache budget: a fixed number of bytes, or a fraction of the memory free after the
+    # weights are loaded; neither means the device default (see `kv_cache_fraction_or_default`).
+    kv_cache_bytes: int | None = None
+    kv_cache_fraction: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -41,6 +50,21 @@ class EngineConfig:
             raise ConfigError("max_model_len must be at least 1")
         if self.max_num_seqs < 1:
             raise ConfigError("max_num_seqs must be at least 1")
+        if self.block_size < 1:
+            raise ConfigError("block_size must be at least 1")
+        if self.kv_cache_bytes is not None and self.kv_cache_fraction is not None:
+            raise ConfigError("give kv_cache_bytes or kv_cache_fraction, not both")
+
+    @property
+    def kv_cache_fraction_or_default(self) -> float | None:
+        """None when a byte budget is set; else the fraction asked for, or the default: most of
+        a GPU's free memory, a modest share of a host's (instances there share the machine)."""
+        if self.kv_cache_bytes is not None:
+            return None
+        if self.kv_cache_fraction is not None:
+            return self.kv_cache_fraction
+        on_cuda = self.device == "cuda" or (self.device is None and torch.cuda.is_available())
+        return CUDA_KV_FRACTION if on_cuda else CPU_KV_FRACTION
 
 
 def resolve_device(device: Device | None) -> torch.device:
@@ -57,9 +81,9 @@ def resolve_dtype(dtype: DType | None, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def resolve_max_model_len(requested: int | None, hf_config: Any) -> int:
+def resolve_max_model_len(requested: int | None, hf_config: dict[str, Any]) -> int:
     """The model's limit caps what the operator asks for; asking past it is an error, as in vLLM."""
-    limit = getattr(hf_config, "max_position_embeddings", None)
+    limit = hf_config.get("max_position_embeddings")
     if requested is None:
         return DEFAULT_MAX_MODEL_LEN if limit is None else min(int(limit), DEFAULT_MAX_MODEL_LEN)
     if limit is not None and requested > int(limit):

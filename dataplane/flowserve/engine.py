@@ -12,24 +12,33 @@ It is not thread-safe: one thread owns it (the server's driver thread).
 
 from __future__ import annotations
 
+import json
+import logging
 import random
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from dataplane.flowserve.block_manager import BlockManager
 from dataplane.flowserve.config import (
     EngineConfig,
     resolve_device,
     resolve_dtype,
     resolve_max_model_len,
 )
-from dataplane.flowserve.errors import ConfigError, DuplicateRequest, InvalidRequest, PromptTooLong
-from dataplane.flowserve.model_runner import ModelRunner, load_model
+from dataplane.flowserve.errors import ConfigError, DuplicateRequest, InvalidRequest
+from dataplane.flowserve.kv_cache import resolve_kv_cache_budget
+from dataplane.flowserve.model_runner import ModelRunner
+from dataplane.flowserve.models import load_model
 from dataplane.flowserve.sampler import Logprob, sample
 from dataplane.flowserve.sampling_params import SamplingParams
 from dataplane.flowserve.scheduler import Scheduler
 from dataplane.flowserve.sequence import FinishReason, Sequence
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +52,18 @@ class StepOutput:
     finish_reason: FinishReason | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot for metrics and load reports (vLLM's names)."""
+
+    num_requests_running: int
+    num_requests_waiting: int
+    kv_cache_usage_perc: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+
+
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -54,15 +75,47 @@ class Engine:
             )
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot load a tokenizer from {config.model}: {exc}") from exc
-        model = load_model(config.model, dtype, self.device)
-        self.max_model_len = resolve_max_model_len(config.max_model_len, model.config)
-        self.vocab_size = int(model.config.vocab_size)
-        self.eos_token_ids = _eos_token_ids(self.tokenizer, model)
-        self._runner = ModelRunner(model)
-        self._scheduler = Scheduler(config.max_num_seqs)
+        hf_config = _read_config(config.model)
+        self.max_model_len = resolve_max_model_len(config.max_model_len, hf_config)
+        model, model_config = load_model(
+            config.model, dtype, self.device, max_positions=self.max_model_len
+        )
+        self.vocab_size = model_config.vocab_size
+        self.eos_token_ids = _eos_token_ids(self.tokenizer, config.model)
+        self.kv_budget = resolve_kv_cache_budget(
+            self.device,
+            num_bytes=config.kv_cache_bytes,
+            fraction=config.kv_cache_fraction_or_default,
+        )
+        self._runner = ModelRunner(
+            model,
+            model_config,
+            budget=self.kv_budget,
+            block_size=config.block_size,
+            dtype=dtype,
+            device=self.device,
+            # Twice what max_num_seqs full-length sequences hold: the rest would only ever
+            # serve the prefix cache, and every block costs bookkeeping.
+            max_blocks=2 * config.max_num_seqs * -(-self.max_model_len // config.block_size),
+        )
+        self.block_manager = BlockManager(self._runner.num_blocks, config.block_size)
+        self._scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+        )
         self._sequences: dict[str, Sequence] = {}
         self._aborted: list[StepOutput] = []  # reported by the next step()
         self._seeds = random.Random(config.seed)  # for sequences that bring no seed
+        self.num_preemptions = 0
+        log.info(
+            "KV cache: %s = %d blocks of %d tokens (%d tokens)",
+            self.kv_budget.describe(),
+            self._runner.num_blocks,
+            config.block_size,
+            self._runner.num_blocks * config.block_size,
+        )
 
     @property
     def num_running(self) -> int:
@@ -71,6 +124,21 @@ class Engine:
     @property
     def num_waiting(self) -> int:
         return len(self._scheduler.waiting)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self._runner.num_blocks
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_requests_running=self.num_running,
+            num_requests_waiting=self.num_waiting,
+            kv_cache_usage_perc=bm.usage,
+            prefix_cache_queries=bm.prefix_cache_queries,
+            prefix_cache_hits=bm.prefix_cache_hits,
+            num_preemptions=self.num_preemptions,
+        )
 
     def has_unfinished(self) -> bool:
         """True while some request has not yet been reported finished by `step()`."""
@@ -83,8 +151,6 @@ class Engine:
             raise DuplicateRequest(request_id)
         if not prompt_token_ids:
             raise InvalidRequest("the prompt is empty", param="prompt")
-        if len(prompt_token_ids) > self.max_model_len:
-            raise PromptTooLong(len(prompt_token_ids), self.max_model_len)
         bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequest(
@@ -97,9 +163,16 @@ class Engine:
         generator.manual_seed(
             params.seed if params.seed is not None else self._seeds.getrandbits(64)
         )
-        seq = Sequence(request_id, list(prompt_token_ids), params, generator, max_tokens)
+        seq = Sequence(
+            request_id,
+            list(prompt_token_ids),
+            params,
+            generator,
+            max_tokens,
+            priority=params.priority,
+        )
+        self._scheduler.add(seq)  # raises for a prompt that can never fit
         self._sequences[request_id] = seq
-        self._scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> None:
         """Free the sequence now; the next `step()` reports it with finish_reason "abort".
@@ -107,30 +180,39 @@ class Engine:
         seq = self._sequences.pop(request_id, None)
         if seq is None:
             return
-        self._scheduler.finish(seq)
-        self._runner.free(seq)
-        seq.finish_reason = "abort"
+        self._scheduler.abort(request_id)
         self._aborted.append(StepOutput(request_id, None, None, True, "abort"))
 
     def step(self) -> list[StepOutput]:
         outputs, self._aborted = self._aborted, []
         batch = self._scheduler.schedule()
-        if not batch:
+        self.num_preemptions += len(batch.preempted)
+        for seq, why in batch.rejected:
+            log.warning("request %s ends early: %s", seq.request_id, why)
+            self._retire(seq, "length")
+            outputs.append(StepOutput(seq.request_id, None, None, True, "length"))
+        if not batch.seqs:
             return outputs
-        logits = self._runner.forward(batch)  # [num_seqs, vocab_size]
-        result = sample(logits, batch)
-        for seq, token_id, logprob in zip(batch, result.token_ids, result.logprobs, strict=True):
-            seq.output_token_ids.append(token_id)
+        self._runner.copy_blocks(batch.copies)
+        logits = self._runner.run(batch)  # [num_sampling_seqs, vocab_size]
+        sampling = batch.sampling_seqs
+        result = sample(logits, sampling) if sampling else None
+        self._scheduler.postprocess(batch, result.token_ids if result else [])
+        if result is None:
+            return outputs
+        for seq, token_id, logprob in zip(sampling, result.token_ids, result.logprobs, strict=True):
             reason = self._finish_reason(seq, token_id)
             if reason is not None:
-                seq.finish_reason = reason
-                self._scheduler.finish(seq)
-                self._runner.free(seq)
-                del self._sequences[seq.request_id]
+                self._retire(seq, reason)
             outputs.append(
                 StepOutput(seq.request_id, token_id, logprob, reason is not None, reason)
             )
         return outputs
+
+    def _retire(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.finish_reason = reason
+        self._scheduler.finish(seq)
+        self._sequences.pop(seq.request_id, None)
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
         if not seq.params.ignore_eos and token_id in self.eos_token_ids:
@@ -142,15 +224,26 @@ class Engine:
         return None
 
 
-def _eos_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> frozenset[int]:
+def _read_config(path: str) -> dict[str, Any]:
+    try:
+        loaded: dict[str, Any] = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}/config.json: {exc}") from exc
+    return loaded
+
+
+def _eos_token_ids(tokenizer: PreTrainedTokenizerBase, path: str) -> frozenset[int]:
     """The tokenizer's eos plus generation_config's (chat models often list several)."""
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
-    generation_config = getattr(model, "generation_config", None)
-    configured = getattr(generation_config, "eos_token_id", None)
+    try:
+        generation = json.loads((Path(path) / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        generation = {}
+    configured = generation.get("eos_token_id")
     if isinstance(configured, int):
         ids.add(configured)
-    elif isinstance(configured, list | tuple):
+    elif isinstance(configured, list):
         ids.update(int(i) for i in configured)
     return frozenset(ids)

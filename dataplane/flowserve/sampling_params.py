@@ -31,6 +31,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    priority: int = 0  # lower runs first and is preempted last (vLLM's convention)
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -74,6 +75,7 @@ class SamplingParams:
             ignore_eos=spec.ignore_eos,
             logprobs=spec.logprobs or spec.top_logprobs > 0,
             top_logprobs=spec.top_logprobs,
+            priority=spec.priority,
         )
 
     @property

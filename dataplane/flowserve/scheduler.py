@@ -1,35 +1,262 @@
-"""First-come first-served admission: at most `max_num_seqs` sequences run, the rest wait."""
+"""Which tokens each step computes: continuous batching with chunked prefill and preemption.
+
+The whole state is two deques. `waiting` is kept ordered by (priority, arrival): lower priority
+values first, as in vLLM, and first come first served among equals. `running` is in admission order.
+
+Each `schedule()`, under `max_num_batched_tokens` tokens and `max_num_seqs` sequences:
+
+1. running sequences that decode get one token each;
+2. running sequences still (re)prefilling get their next chunk, as much as the budget leaves;
+3. if nobody had to be preempted, waiting sequences are admitted in order, each with a first
+   chunk (prefix-cache hits are free: they reduce what is left to compute). The head of `waiting`
+   that does not fit blocks the ones behind it, so that a long prompt is not starved by short ones.
+
+When a running sequence cannot get its blocks, the running sequence with the largest
+(priority, arrival) - the least important, latest arrived, possibly itself - is preempted by
+recompute: its blocks are freed and it waits again, keeping its output; readmitted, it re-prefills
+prompt + output so far (mostly prefix-cache hits if its blocks were not evicted meanwhile).
+
+The scheduler is owned by one thread; it holds the block manager's lock during each call so that
+another worker sharing the pool cannot slip between a check and its act.
+"""
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from itertools import count
 
+from dataplane.flowserve.block_manager import BlockManager
+from dataplane.flowserve.errors import ConfigError, InvalidRequest, PromptTooLong
 from dataplane.flowserve.sequence import Sequence, SequenceStatus
 
 
+@dataclass(frozen=True, slots=True)
+class ScheduledSeq:
+    """Compute the K/V of `seq.all_token_ids[start:start + num_new_tokens]`; when `samples`, that
+    chunk reaches the sequence's last token and a token is sampled from its logits."""
+
+    seq: Sequence
+    start: int
+    num_new_tokens: int
+    samples: bool
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) blocks, in order
+    preempted: list[Sequence] = field(default_factory=list)  # back in waiting, blocks freed
+    rejected: list[tuple[Sequence, str]] = field(default_factory=list)  # finished: can never fit
+    num_batched_tokens: int = 0
+
+    @property
+    def sampling_seqs(self) -> list[Sequence]:
+        """The sequences that sample this step, in the order `postprocess` wants their tokens."""
+        return [s.seq for s in self.seqs if s.samples]
+
+
+def _outgrew(num_tokens: int) -> str:
+    return f"the sequence outgrew the KV cache at {num_tokens} tokens"
+
+
+def _rank(seq: Sequence) -> tuple[int, int]:
+    """Smaller is served first and preempted last."""
+    return seq.priority, seq.arrival
+
+
 class Scheduler:
-    def __init__(self, max_num_seqs: int) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+    ) -> None:
+        if max_num_seqs < 1:
+            raise ConfigError("max_num_seqs must be at least 1")
+        if max_num_batched_tokens < max_num_seqs:
+            # Otherwise some running sequences could not even decode each step.
+            raise ConfigError("max_num_batched_tokens must be at least max_num_seqs")
+        if max_model_len < 1:
+            raise ConfigError("max_model_len must be at least 1")
+        self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: deque[Sequence] = deque()
+        self._arrivals = count()
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        """Queue a new sequence. Raises InvalidRequest for a prompt that can never run."""
+        num_tokens = seq.num_tokens
+        if num_tokens == 0:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        if num_tokens > self.max_model_len:
+            raise PromptTooLong(num_tokens, self.max_model_len)
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if num_tokens > capacity:
+            raise InvalidRequest(
+                f"The prompt has {num_tokens} tokens but this instance's KV cache holds at most "
+                f"{capacity} tokens. Please shorten it.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        seq.arrival = next(self._arrivals)
+        seq.status = SequenceStatus.WAITING
+        self._enqueue(seq)
 
-    def schedule(self) -> list[Sequence]:
-        """The sequences to advance this step, admitting waiting ones into free slots."""
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-        return list(self.running)
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Start `child` (a new choice whose first tokens are `parent`'s computed ones) sharing
+        `parent`'s blocks, between steps. With no room in `running` it waits instead, and the
+        prefix cache serves it what `parent` has sealed."""
+        child.arrival = next(self._arrivals)
+        if parent.status is not SequenceStatus.RUNNING or len(self.running) >= self.max_num_seqs:
+            child.status = SequenceStatus.WAITING
+            self._enqueue(child)
+            return
+        self.block_manager.fork(parent, child)
+        child.status = SequenceStatus.RUNNING
+        self.running.append(child)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Remove the sequence of `request_id` and free its blocks now; None if it is not here."""
+        for queue in (self.running, self.waiting):
+            for seq in queue:
+                if seq.request_id == request_id:
+                    self.finish(seq)
+                    seq.finish_reason = "abort"
+                    return seq
+        return None
 
     def finish(self, seq: Sequence) -> None:
-        seq.status = SequenceStatus.FINISHED
+        """Retire `seq` (the engine decides when, and sets `finish_reason`) and free its blocks."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
 
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+    def schedule(self) -> ScheduledBatch:
+        with self.block_manager.lock:
+            plan = _Plan(self.max_num_batched_tokens)
+            self._schedule_running(plan)
+            if not plan.preempted:
+                self._admit_waiting(plan)
+            return plan.batch()
+
+    def postprocess(self, batch: ScheduledBatch, sampled: Seq[int]) -> None:
+        """Record a step: each scheduled chunk is now computed, and each sampling sequence gets its
+        token (`sampled` is aligned with `batch.sampling_seqs`). Finishing is the caller's call."""
+        num_sampling = sum(1 for s in batch.seqs if s.samples)
+        if len(sampled) != num_sampling:
+            raise ValueError(f"{len(sampled)} sampled tokens for {num_sampling} sampling sequences")
+        tokens = iter(sampled)
+        with self.block_manager.lock:
+            for item in batch.seqs:
+                token_id = next(tokens) if item.samples else None
+                seq = item.seq
+                if seq.status is not SequenceStatus.RUNNING:
+                    continue  # aborted since it was scheduled
+                seq.num_computed_tokens = item.start + item.num_new_tokens
+                if token_id is not None:
+                    seq.output_token_ids.append(token_id)
+                self.block_manager.seal_full_blocks(seq)
+
+    # --- internals -------------------------------------------------------------------------------
+
+    def _schedule_running(self, plan: _Plan) -> None:
+        manager = self.block_manager
+        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        prefills = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        for seq in decodes + prefills:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted as a victim earlier in this loop
+            num_new = min(seq.num_uncomputed_tokens, plan.budget)
+            if num_new == 0:
+                break
+            end = seq.num_computed_tokens + num_new
+            if manager.blocks_needed(end) > manager.num_blocks:
+                self._reject(seq, plan, _outgrew(end))
+                continue
+            while not manager.can_append(seq, num_new):
+                victim = max(self.running, key=_rank)
+                self._preempt(victim, plan)
+                if victim is seq:
+                    break
+            else:
+                start = seq.num_computed_tokens
+                plan.add(seq, start, num_new, manager.append_slots(seq, num_new))
+
+    def _admit_waiting(self, plan: _Plan) -> None:
+        manager = self.block_manager
+        while self.waiting and plan.budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if manager.blocks_needed(seq.num_tokens) > manager.num_blocks:
+                self._reject(seq, plan, _outgrew(seq.num_tokens))  # e.g. a fork at the limit
+                continue
+            num_cached = manager.cached_prefix_len(seq)
+            num_tokens = num_cached + min(seq.num_tokens - num_cached, plan.budget)
+            if not manager.can_allocate(seq, num_tokens):
+                break
+            self.waiting.popleft()
+            manager.allocate(seq, num_tokens)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            start = seq.num_computed_tokens
+            plan.add(seq, start, num_tokens - start, [])
+
+    def _preempt(self, seq: Sequence, plan: _Plan) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        plan.remove(seq)
+        plan.preempted.append(seq)
+        seq.status = SequenceStatus.WAITING
+        self._enqueue(seq)
+
+    def _reject(self, seq: Sequence, plan: _Plan, reason: str) -> None:
+        self.finish(seq)
+        plan.remove(seq)
+        plan.rejected.append((seq, reason))
+
+    def _enqueue(self, seq: Sequence) -> None:
+        """Insert into `waiting` by rank; new arrivals land at the end in O(1)."""
+        key = _rank(seq)
+        index = len(self.waiting)
+        while index > 0 and _rank(self.waiting[index - 1]) > key:
+            index -= 1
+        self.waiting.insert(index, seq)
+
+
+@dataclass(slots=True)
+class _Plan:
+    """A batch under construction; a sequence preempted later in the same step leaves it again."""
+
+    budget: int
+    items: dict[Sequence, tuple[ScheduledSeq, list[tuple[int, int]]]] = field(default_factory=dict)
+    preempted: list[Sequence] = field(default_factory=list)
+    rejected: list[tuple[Sequence, str]] = field(default_factory=list)
+
+    def add(self, seq: Sequence, start: int, num_new: int, copies: list[tuple[int, int]]) -> None:
+        samples = start + num_new == seq.num_tokens
+        self.items[seq] = (ScheduledSeq(seq, start, num_new, samples), copies)
+        self.budget -= num_new
+
+    def remove(self, seq: Sequence) -> None:
+        """Unschedule `seq`, refunding its tokens; its copies go too, since its blocks are freed."""
+        found = self.items.pop(seq, None)
+        if found is not None:
+            self.budget += found[0].num_new_tokens
+
+    def batch(self) -> ScheduledBatch:
+        seqs = [item for item, _ in self.items.values()]
+        copies = [pair for _, pairs in self.items.values() for pair in pairs]
+        num_batched = sum(s.num_new_tokens for s in seqs)
+        return ScheduledBatch(seqs, copies, self.preempted, self.rejected, num_batched)

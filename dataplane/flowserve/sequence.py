@@ -1,36 +1,56 @@
-"""One sequence being generated: its tokens, its sampling state and where it stands."""
+"""One sequence being generated: its tokens, sampling state, status and KV blocks."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from dataplane.flowserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
 
 FinishReason = Literal["stop", "length", "abort"]
 
 
 class SequenceStatus(StrEnum):
-    WAITING = "waiting"  # queued, no KV cache yet
-    RUNNING = "running"  # holds a KV cache; advances one token per step
-    FINISHED = "finished"  # done; its KV cache is freed
+    WAITING = "waiting"  # queued (new, or preempted): holds no KV blocks
+    RUNNING = "running"  # holds KV blocks; prefills in chunks, then decodes one token per step
+    FINISHED = "finished"  # done or aborted; its KV blocks are freed
 
 
 @dataclass(slots=True, eq=False)
 class Sequence:
+    """Compared and hashed by identity, so a batch can key dicts by sequence.
+
+    KV state (owned by the block manager): `block_table` lists the physical blocks holding this
+    sequence's K/V in order; `num_computed_tokens` of `all_token_ids` have their K/V there.
+    `num_cached_tokens` of them came from the prefix cache at its (last) admission; it outlives
+    `free`, so the engine can report it as usage's cached tokens once the sequence finishes."""
+
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     generator: torch.Generator
     max_tokens: int  # the params' limit, capped by what is left of max_model_len
     output_token_ids: list[int] = field(default_factory=list)
+    priority: int = 0  # lower runs first and is preempted last, as in vLLM
+    arrival: int = 0  # arrival order, set by Scheduler.add; breaks priority ties (FCFS)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
-    # The model runner's per-sequence state (a KV cache); owned and freed by the runner.
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    # Chained hashes of this sequence's full blocks, a memo the block manager extends: tokens are
+    # append-only, so a full block's hash never changes (and survives preemption).
+    block_hashes: list[bytes] = field(default_factory=list)
+    # The first engine's per-sequence state (a Hugging Face cache); owned and freed by its runner.
     runner_state: Any = None
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
 
     @property
     def num_tokens(self) -> int:
@@ -39,3 +59,12 @@ class Sequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens whose K/V is still to compute: 1 while decoding, more while (re)prefilling."""
+        return self.num_tokens - self.num_computed_tokens

@@ -1,0 +1,235 @@
+"""Paged attention over a block KV cache, in plain PyTorch (SDPA), for CPU and as a GPU fallback.
+
+One flat batch of `T` tokens from `B` sequences. Sequence `b` owns tokens
+`query_start_loc[b]:query_start_loc[b + 1]` (its `q_len` new tokens) and, after this step, has
+`context_lens[b]` tokens of K/V in the cache; its new tokens sit at the end of that context.
+
+The cache of one layer is `k, v: [num_blocks, block_size, num_kv_heads, head_dim]`; token `i` of a
+sequence lives in block `block_table[i // block_size]` at offset `i % block_size`.
+
+Sequences with `q_len == 1` (decodes) are attended in one batched SDPA call; the others (prefill
+chunks) one at a time. Everything that depends only on the batch's shape (gather indices, masks)
+is computed once per step by `AttentionMetadata.build`, not once per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v: [num_blocks, block_size, kv_heads, head_dim]
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillChunk:
+    """One sequence with `q_len > 1`: its token rows `start:end` attend to its first
+    `context_len` cached positions."""
+
+    start: int
+    end: int
+    context_len: int
+    block_ids: torch.Tensor  # [ceil(context_len / block_size)] physical blocks, in order
+    # [q_len, context_len] additive (0 / -inf) causal mask offset by context_len - q_len;
+    # None when the chunk is the whole context (plain causal attention over the new tokens).
+    mask: torch.Tensor | None
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionMetadata:
+    num_tokens: int
+    block_size: int
+    positions: torch.Tensor  # [T] long: position of each token in its sequence
+    slot_mapping: torch.Tensor  # [T] long: block_id * block_size + offset of each new token
+    query_start_loc: list[int]  # [B + 1] host ints
+    context_lens: torch.Tensor  # [B] long: K/V length of each sequence after this step
+    block_tables: torch.Tensor  # [B, max_blocks] long, padded with block 0 (masked)
+    # Decodes, batched: their token rows (a slice when they are contiguous, as when the
+    # scheduler puts decodes first), the blocks to gather for them, and the padding mask.
+    num_decodes: int
+    decode_rows: slice | torch.Tensor
+    decode_block_ids: torch.Tensor  # [num_decodes * decode_max_blocks] long
+    decode_mask: torch.Tensor  # [num_decodes, 1, 1, decode_max_blocks * block_size] 0 / -inf
+    prefills: tuple[PrefillChunk, ...]
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        query_lens: Sequence[int],
+        context_lens: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> AttentionMetadata:
+        """Metadata of one step from host data. Sequence `b` computes its last `query_lens[b]`
+        of `context_lens[b]` tokens; `block_tables[b]` must cover `context_lens[b]` tokens
+        (longer tables are fine). `dtype` is the model's (masks are additive, in that dtype).
+
+        All integer data goes to the device in one copy; nothing here waits for the device.
+        """
+        num_seqs = len(query_lens)
+        if not num_seqs or len(context_lens) != num_seqs or len(block_tables) != num_seqs:
+            raise ValueError("query_lens, context_lens and block_tables need one entry per seq")
+        blocks_needed = [-(-c // block_size) for c in context_lens]
+        for b in range(num_seqs):
+            if not 1 <= query_lens[b] <= context_lens[b]:
+                raise ValueError(
+                    f"seq {b}: query_len {query_lens[b]} not in [1, {context_lens[b]}]"
+                )
+            if len(block_tables[b]) < blocks_needed[b]:
+                raise ValueError(f"seq {b}: its block table does not cover {context_lens[b]}")
+        max_blocks = max(blocks_needed)
+        table = np.zeros((num_seqs, max_blocks), dtype=np.int64)  # [B, max_blocks]
+        for b in range(num_seqs):
+            table[b, : blocks_needed[b]] = block_tables[b][: blocks_needed[b]]
+
+        starts = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=starts[1:])
+        num_tokens = int(starts[-1])
+        ctx = np.asarray(context_lens, dtype=np.int64)
+        q_lens = np.asarray(query_lens, dtype=np.int64)
+        seq_of_token = np.repeat(np.arange(num_seqs), q_lens)  # [T]
+        positions = np.arange(num_tokens) - starts[seq_of_token] + (ctx - q_lens)[seq_of_token]
+        slots = table[seq_of_token, positions // block_size] * block_size + positions % block_size
+
+        decodes = np.flatnonzero(q_lens == 1)
+        decode_max_blocks = max((blocks_needed[b] for b in decodes), default=0)
+        decode_block_ids = table[decodes, :decode_max_blocks].reshape(-1)
+        decode_token_rows = starts[decodes]
+
+        parts = [positions, slots, ctx, table.reshape(-1), decode_block_ids, ctx[decodes]]
+        contiguous = len(decodes) == 0 or (
+            decode_token_rows[-1] - decode_token_rows[0] == len(decodes) - 1
+        )
+        if not contiguous:
+            parts.append(decode_token_rows)
+        packed = torch.from_numpy(np.concatenate(parts)).to(device)
+        views = list(torch.split(packed, [len(p) for p in parts]))
+        positions_t, slots_t, ctx_t, table_t, decode_blocks_t, decode_ctx_t = views[:6]
+        table_t = table_t.view(num_seqs, max_blocks)
+        if contiguous:
+            first = int(decode_token_rows[0]) if len(decodes) else 0
+            decode_rows: slice | torch.Tensor = slice(first, first + len(decodes))
+        else:
+            decode_rows = views[6]
+
+        padded_len = decode_max_blocks * block_size
+        keep = torch.arange(padded_len, device=device) < decode_ctx_t[:, None]
+        decode_mask = _additive(keep, dtype)[:, None, None, :]
+
+        start_list = [int(s) for s in starts]
+        prefills = []
+        for b in (int(i) for i in np.flatnonzero(q_lens > 1)):
+            q_len, context_len = int(q_lens[b]), int(ctx[b])
+            mask = None
+            if q_len < context_len:
+                cols = torch.arange(context_len, device=device)
+                rows = torch.arange(context_len - q_len, context_len, device=device)
+                mask = _additive(cols[None, :] <= rows[:, None], dtype)
+            prefills.append(
+                PrefillChunk(
+                    start=start_list[b],
+                    end=start_list[b + 1],
+                    context_len=context_len,
+                    block_ids=table_t[b, : blocks_needed[b]],
+                    mask=mask,
+                )
+            )
+        return cls(
+            num_tokens=num_tokens,
+            block_size=block_size,
+            positions=positions_t,
+            slot_mapping=slots_t,
+            query_start_loc=start_list,
+            context_lens=ctx_t,
+            block_tables=table_t,
+            num_decodes=len(decodes),
+            decode_rows=decode_rows,
+            decode_block_ids=decode_blocks_t,
+            decode_mask=decode_mask,
+            prefills=tuple(prefills),
+        )
+
+
+def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # SDPA's CPU kernels are faster with an additive mask than a boolean one.
+    mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+    return mask.masked_fill_(~keep, float("-inf"))
+
+
+def store_kv(
+    k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T] long
+) -> None:
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    *,
+    k: torch.Tensor | None = None,  # [T, num_kv_heads, head_dim]: this step's K, already stored
+    v: torch.Tensor | None = None,
+) -> torch.Tensor:  # [T, num_heads, head_dim]
+    """Attention of each token to its sequence's cached K/V (this step's must be stored first).
+    Given `k` and `v`, a prefill with no cached prefix uses them instead of reading them back."""
+    if meta.num_decodes == meta.num_tokens:
+        return _decode(q, k_cache, v_cache, meta, scale)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if meta.num_decodes:
+        out[meta.decode_rows] = _decode(q[meta.decode_rows], k_cache, v_cache, meta, scale)
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    for chunk in meta.prefills:
+        rows = slice(chunk.start, chunk.end)
+        if chunk.mask is None and k is not None and v is not None:
+            k_seq, v_seq = k[rows], v[rows]  # [C, num_kv_heads, head_dim]
+        else:
+            k_seq = k_cache.index_select(0, chunk.block_ids).view(-1, num_kv_heads, head_dim)
+            v_seq = v_cache.index_select(0, chunk.block_ids).view(-1, num_kv_heads, head_dim)
+            k_seq, v_seq = k_seq[: chunk.context_len], v_seq[: chunk.context_len]
+        # SDPA's fast CPU path wants 4-d inputs: [1, heads, len, head_dim].
+        o = F.scaled_dot_product_attention(
+            q[rows].transpose(0, 1)[None],
+            k_seq.transpose(0, 1)[None],
+            v_seq.transpose(0, 1)[None],
+            attn_mask=chunk.mask,
+            is_causal=chunk.mask is None,
+            scale=scale,
+            enable_gqa=True,
+        )  # [1, num_heads, q_len, head_dim]
+        out[rows] = o[0].transpose(0, 1)
+    return out
+
+
+def _decode(
+    q: torch.Tensor,  # [num_decodes, num_heads, head_dim]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [num_decodes, num_heads, head_dim]
+    num_decodes, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    # [num_decodes, num_kv_heads, padded_len, head_dim]
+    k = k_cache.index_select(0, meta.decode_block_ids)
+    k = k.view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
+    v = v_cache.index_select(0, meta.decode_block_ids)
+    v = v.view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
+    # GQA without repeating K/V: the query heads that share a KV head stand in for SDPA's query
+    # length, which is free since a decode has one query and the mask is the same for all of them.
+    q = q.reshape(num_decodes, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.decode_mask, scale=scale)
+    return o.reshape(num_decodes, num_heads, head_dim)
