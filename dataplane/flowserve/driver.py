@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from controlplane.wire import GenerateDelta, GenerateDone, GenerateError
-from dataplane.flowserve.engine import Engine
+from dataplane.flowserve.engine import Engine, EngineStats
 from dataplane.flowserve.errors import InvalidRequest
 from dataplane.flowserve.metrics import Metrics
 from dataplane.flowserve.stream import RequestStream
@@ -48,6 +49,9 @@ _Command = _Submit | _Abort | _Stop
 class _Active:
     stream: RequestStream
     sink: Sink
+    arrived: float = 0.0  # time.monotonic() when the engine thread took it
+    first_token_at: float | None = None
+    last_token_at: dict[int, float] | None = None  # per choice index
 
 
 class EngineDriver:
@@ -61,6 +65,7 @@ class EngineDriver:
         # Snapshots for other threads (health, metrics); written only by the engine thread.
         self.num_running = 0
         self.num_waiting = 0
+        self.stats: EngineStats | None = None
 
     # -- any thread ----------------------------------------------------------------------------
 
@@ -100,8 +105,9 @@ class EngineDriver:
                     self._abort(command.request_id)
             if self.engine.has_unfinished():
                 self._step()
-            self.num_running = self.engine.num_running
-            self.num_waiting = self.engine.num_waiting
+            self.stats = self.engine.stats()
+            self.num_running = self.stats.num_requests_running
+            self.num_waiting = self.stats.num_requests_waiting
 
     def _add(self, stream: RequestStream, sink: Sink) -> None:
         if stream.request_id in self._requests:
@@ -110,7 +116,7 @@ class EngineDriver:
                 GenerateError(message="request id already in flight", code="duplicate_request_id"),
             )
             return
-        active = _Active(stream, sink)
+        active = _Active(stream, sink, arrived=time.monotonic())
         added: list[str] = []
         try:
             for index, (seq_id, params) in enumerate(
@@ -148,7 +154,7 @@ class EngineDriver:
                 continue  # an abort reported after its request already finished
             active, index = found
             if out.new_token_id is not None and self._metrics is not None:
-                self._metrics.generation_tokens.inc()
+                self._observe_token(active, index)
             events = active.stream.on_output(index, out)
             if events.abort_sequence is not None:
                 self.engine.abort_request(events.abort_sequence)
@@ -162,6 +168,22 @@ class EngineDriver:
             if active.stream.finished:
                 del self._requests[active.stream.request_id]
                 _send(active.sink, active.stream.done())
+                if self._metrics is not None and active.first_token_at is not None:
+                    self._metrics.e2e_request_latency.observe(time.monotonic() - active.arrived)
+
+    def _observe_token(self, active: _Active, index: int) -> None:
+        assert self._metrics is not None
+        now = time.monotonic()
+        self._metrics.generation_tokens.inc()
+        if active.first_token_at is None:
+            active.first_token_at = now
+            active.last_token_at = {}
+            self._metrics.time_to_first_token.observe(now - active.arrived)
+        assert active.last_token_at is not None
+        previous = active.last_token_at.get(index)
+        if previous is not None:
+            self._metrics.inter_token_latency.observe(now - previous)
+        active.last_token_at[index] = now
 
     def _fail_all(self, message: str, code: str) -> None:
         for active in self._requests.values():

@@ -193,7 +193,7 @@ def create_app(
         engine = await run_in_threadpool(load_engine)
         metrics = Metrics(model_name)
         driver = EngineDriver(engine, metrics)
-        metrics.watch(lambda: driver.num_running, lambda: driver.num_waiting)
+        metrics.watch(lambda: driver.stats)
         app.state.instance = _Instance(
             engine, driver, metrics, TokenTexts(engine.tokenizer), model_name, instance_id
         )

@@ -201,3 +201,19 @@ def test_metrics(live_server: LiveServer) -> None:
     assert samples['flowserve:generation_tokens_total{model_name="tiny"}'] >= 3
     key = 'flowserve:request_success_total{finished_reason="length",model_name="tiny"}'
     assert samples[key] >= 1
+
+
+def test_metrics_with_vllm_names_latencies_and_prefix_cache(live_server: LiveServer) -> None:
+    shared = "The same long system prompt, repeated so that it fills several KV blocks. " * 4
+    for i in range(2):
+        generate(live_server, f"prefix-{i}", prompt=shared, sampling={**GREEDY, "max_tokens": 4})
+    samples = metric_samples(live_server)
+    name = '{model_name="tiny"}'
+    assert 0 <= samples[f"flowserve:kv_cache_usage_perc{name}"] <= 1
+    queries = samples[f"flowserve:prefix_cache_queries_total{name}"]
+    hits = samples[f"flowserve:prefix_cache_hits_total{name}"]
+    assert queries > 0 and hits > 0  # the second request reused the first one's full blocks
+    assert f"flowserve:num_preemptions_total{name}" in samples
+    assert samples[f"flowserve:time_to_first_token_seconds_count{name}"] >= 2
+    assert samples[f"flowserve:inter_token_latency_seconds_count{name}"] >= 6
+    assert samples[f"flowserve:e2e_request_latency_seconds_count{name}"] >= 2
