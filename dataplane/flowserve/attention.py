@@ -15,7 +15,7 @@ is computed once per step by `AttentionMetadata.build`, not once per layer.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -54,6 +54,17 @@ class AttentionMetadata:
     decode_block_ids: torch.Tensor  # [num_decodes * decode_max_blocks] long
     decode_mask: torch.Tensor  # [num_decodes, 1, 1, decode_max_blocks * block_size] 0 / -inf
     prefills: tuple[PrefillChunk, ...]
+    # The decodes' gathered K and V, allocated by the first layer and reused by the others:
+    # on the CPU a fresh allocation per layer costs page faults comparable to the copy itself.
+    _decode_buffers: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def decode_buffers(self, k_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two `[num_decodes * decode_max_blocks, block_size, kv_heads, head_dim]` buffers."""
+        shape = (self.decode_block_ids.shape[0], *k_cache.shape[1:])
+        if "k" not in self._decode_buffers or self._decode_buffers["k"].shape != shape:
+            self._decode_buffers["k"] = k_cache.new_empty(shape)
+            self._decode_buffers["v"] = k_cache.new_empty(shape)
+        return self._decode_buffers["k"], self._decode_buffers["v"]
 
     @classmethod
     def build(
@@ -200,18 +211,25 @@ def paged_attention(
             k_seq = k_cache.index_select(0, chunk.block_ids).view(-1, num_kv_heads, head_dim)
             v_seq = v_cache.index_select(0, chunk.block_ids).view(-1, num_kv_heads, head_dim)
             k_seq, v_seq = k_seq[: chunk.context_len], v_seq[: chunk.context_len]
-        # SDPA's fast CPU path wants 4-d inputs: [1, heads, len, head_dim].
+        # SDPA's fast CPU path wants 4-d inputs: [1, heads, len, head_dim]. K/V are repeated
+        # per query head rather than passed with enable_gqa, which keeps CUDA off the slow
+        # math kernel.
+        group = q.shape[1] // num_kv_heads
         o = F.scaled_dot_product_attention(
             q[rows].transpose(0, 1)[None],
-            k_seq.transpose(0, 1)[None],
-            v_seq.transpose(0, 1)[None],
+            _per_query_head(k_seq.transpose(0, 1), group)[None],
+            _per_query_head(v_seq.transpose(0, 1), group)[None],
             attn_mask=chunk.mask,
             is_causal=chunk.mask is None,
             scale=scale,
-            enable_gqa=True,
         )  # [1, num_heads, q_len, head_dim]
         out[rows] = o[0].transpose(0, 1)
     return out
+
+
+def _per_query_head(x: torch.Tensor, group: int) -> torch.Tensor:
+    """[kv_heads, len, head_dim] -> [kv_heads * group, len, head_dim], like HF's repeat_kv."""
+    return x if group == 1 else x.repeat_interleave(group, dim=0)
 
 
 def _decode(
@@ -224,9 +242,10 @@ def _decode(
     num_decodes, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     # [num_decodes, num_kv_heads, padded_len, head_dim]
-    k = k_cache.index_select(0, meta.decode_block_ids)
+    k_buffer, v_buffer = meta.decode_buffers(k_cache)
+    k = torch.index_select(k_cache, 0, meta.decode_block_ids, out=k_buffer)
     k = k.view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
-    v = v_cache.index_select(0, meta.decode_block_ids)
+    v = torch.index_select(v_cache, 0, meta.decode_block_ids, out=v_buffer)
     v = v.view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
     # GQA without repeating K/V: the query heads that share a KV head stand in for SDPA's query
     # length, which is free since a decode has one query and the mask is the same for all of them.

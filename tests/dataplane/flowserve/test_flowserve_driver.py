@@ -6,7 +6,7 @@ import queue
 from typing import Any
 
 from dataplane.flowserve.driver import EngineDriver, Event
-from dataplane.flowserve.engine import StepOutput
+from dataplane.flowserve.engine import EngineStats, StepOutput
 from dataplane.flowserve.errors import PromptTooLong
 from dataplane.flowserve.sampling_params import SamplingParams
 from dataplane.flowserve.stream import RequestStream
@@ -42,6 +42,9 @@ class ScriptedEngine:
 
     def has_unfinished(self) -> bool:
         return bool(self.running or self.pending)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.running), 0, 0.0, 0, 0, 0)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: Any) -> None:
         if len(prompt_token_ids) > 10:
