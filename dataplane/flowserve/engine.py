@@ -109,12 +109,14 @@ class Engine:
         self._aborted: list[StepOutput] = []  # reported by the next step()
         self._seeds = random.Random(config.seed)  # for sequences that bring no seed
         self.num_preemptions = 0
-        log.info(
-            "KV cache: %s = %d blocks of %d tokens (%d tokens)",
-            self.kv_budget.describe(),
-            self._runner.num_blocks,
-            config.block_size,
-            self._runner.num_blocks * config.block_size,
+        log.info("%s", self.describe_kv_cache())
+
+    def describe_kv_cache(self) -> str:
+        """The start-up report of the KV budget and what it bought."""
+        blocks, size = self._runner.num_blocks, self.config.block_size
+        return (
+            f"KV cache: budget {self.kv_budget.describe()}, {blocks} blocks of {size} tokens "
+            f"({blocks * size} tokens) on {self.device.type}"
         )
 
     @property

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -191,6 +192,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         engine = await run_in_threadpool(load_engine)
+        # Always in the instance's log, whatever the log level: operators size nodes by it.
+        print(f"flowserve {model_name}: {engine.describe_kv_cache()}", file=sys.stderr, flush=True)
         metrics = Metrics(model_name)
         driver = EngineDriver(engine, metrics)
         metrics.watch(lambda: driver.stats)

@@ -213,3 +213,17 @@ def test_logprobs_are_of_the_raw_distribution(engine: Engine, hf_model: PreTrain
     top_ids = [t for t, _ in out.logprob.top]
     assert top_ids == expected.topk(4).indices.tolist()
     assert out.new_token_id in expected.topk(3).indices.tolist()
+
+
+def test_kv_cache_budget_by_bytes_or_fraction_is_reported(tiny_model_dir: Path) -> None:
+    from dataplane.flowserve.kv_cache import bytes_per_block
+    from dataplane.flowserve.models import ModelConfig
+
+    block = bytes_per_block(ModelConfig.from_folder(tiny_model_dir), 16, torch.float32)
+    fixed = Engine(EngineConfig(str(tiny_model_dir), kv_cache_bytes=64 * block + 7))
+    assert fixed.num_kv_blocks == 64
+    assert "64 blocks of 16 tokens (1024 tokens)" in fixed.describe_kv_cache()
+    share = Engine(EngineConfig(str(tiny_model_dir), kv_cache_fraction=0.001))
+    assert share.kv_budget.fraction == 0.001 and "0.001 of" in share.describe_kv_cache()
+    with pytest.raises(ConfigError):
+        EngineConfig(str(tiny_model_dir), kv_cache_bytes=1, kv_cache_fraction=0.5)
