@@ -39,6 +39,41 @@ class PrefillChunk:
 
 
 @dataclass(frozen=True, slots=True)
+class DecodeGroup:
+    """Decodes (one new token each) attended in one batched call: their token rows (a slice when
+    contiguous), the blocks to gather for them, padded to the longest, and the padding mask."""
+
+    rows: slice | torch.Tensor
+    num: int
+    block_ids: torch.Tensor  # [num * max_blocks] long
+    mask: torch.Tensor  # [num, 1, 1, max_blocks * block_size] additive 0 / -inf
+    # The gathered K and V, allocated by the first layer and reused by the others: on the CPU a
+    # fresh allocation per layer costs page faults comparable to the copy itself.
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def gather_buffers(self, k_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two `[num * max_blocks, block_size, kv_heads, head_dim]` buffers."""
+        if not self.buffers:
+            shape = (self.block_ids.shape[0], *k_cache.shape[1:])
+            self.buffers["k"] = k_cache.new_empty(shape)
+            self.buffers["v"] = k_cache.new_empty(shape)
+        return self.buffers["k"], self.buffers["v"]
+
+
+# Decodes are split into at most this many groups of at least MIN_DECODE_GROUP sequences each.
+MAX_DECODE_GROUPS = 4
+MIN_DECODE_GROUP = 8
+
+
+def group_decodes(blocks_needed: np.ndarray) -> list[np.ndarray]:
+    """Indices (into `blocks_needed`) of each decode group: sorted by length, cut into equal
+    shares, so that short contexts are not padded to the longest one in the batch."""
+    order = np.argsort(blocks_needed, kind="stable")
+    num_groups = max(1, min(MAX_DECODE_GROUPS, len(order) // MIN_DECODE_GROUP))
+    return [np.sort(part) for part in np.array_split(order, num_groups) if len(part)]
+
+
+@dataclass(frozen=True, slots=True)
 class AttentionMetadata:
     num_tokens: int
     block_size: int
@@ -47,24 +82,10 @@ class AttentionMetadata:
     query_start_loc: list[int]  # [B + 1] host ints
     context_lens: torch.Tensor  # [B] long: K/V length of each sequence after this step
     block_tables: torch.Tensor  # [B, max_blocks] long, padded with block 0 (masked)
-    # Decodes, batched: their token rows (a slice when they are contiguous, as when the
-    # scheduler puts decodes first), the blocks to gather for them, and the padding mask.
     num_decodes: int
-    decode_rows: slice | torch.Tensor
-    decode_block_ids: torch.Tensor  # [num_decodes * decode_max_blocks] long
-    decode_mask: torch.Tensor  # [num_decodes, 1, 1, decode_max_blocks * block_size] 0 / -inf
+    # Decodes, batched in groups of similar context length (less padding to gather and attend).
+    decode_groups: tuple[DecodeGroup, ...]
     prefills: tuple[PrefillChunk, ...]
-    # The decodes' gathered K and V, allocated by the first layer and reused by the others:
-    # on the CPU a fresh allocation per layer costs page faults comparable to the copy itself.
-    _decode_buffers: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-
-    def decode_buffers(self, k_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two `[num_decodes * decode_max_blocks, block_size, kv_heads, head_dim]` buffers."""
-        shape = (self.decode_block_ids.shape[0], *k_cache.shape[1:])
-        if "k" not in self._decode_buffers or self._decode_buffers["k"].shape != shape:
-            self._decode_buffers["k"] = k_cache.new_empty(shape)
-            self._decode_buffers["v"] = k_cache.new_empty(shape)
-        return self._decode_buffers["k"], self._decode_buffers["v"]
 
     @classmethod
     def build(
@@ -109,29 +130,27 @@ class AttentionMetadata:
         slots = table[seq_of_token, positions // block_size] * block_size + positions % block_size
 
         decodes = np.flatnonzero(q_lens == 1)
-        decode_max_blocks = max((blocks_needed[b] for b in decodes), default=0)
-        decode_block_ids = table[decodes, :decode_max_blocks].reshape(-1)
-        decode_token_rows = starts[decodes]
-
-        parts = [positions, slots, ctx, table.reshape(-1), decode_block_ids, ctx[decodes]]
-        contiguous = len(decodes) == 0 or (
-            decode_token_rows[-1] - decode_token_rows[0] == len(decodes) - 1
-        )
-        if not contiguous:
-            parts.append(decode_token_rows)
+        needed = np.asarray(blocks_needed, dtype=np.int64)
+        groups = [decodes[idx] for idx in group_decodes(needed[decodes])] if len(decodes) else []
+        parts = [positions, slots, ctx, table.reshape(-1)]
+        for members in groups:
+            max_blocks_g = int(needed[members].max())
+            parts += [starts[members], table[members, :max_blocks_g].reshape(-1), ctx[members]]
         packed = torch.from_numpy(np.concatenate(parts)).to(device)
         views = list(torch.split(packed, [len(p) for p in parts]))
-        positions_t, slots_t, ctx_t, table_t, decode_blocks_t, decode_ctx_t = views[:6]
+        positions_t, slots_t, ctx_t, table_t = views[:4]
         table_t = table_t.view(num_seqs, max_blocks)
-        if contiguous:
-            first = int(decode_token_rows[0]) if len(decodes) else 0
-            decode_rows: slice | torch.Tensor = slice(first, first + len(decodes))
-        else:
-            decode_rows = views[6]
-
-        padded_len = decode_max_blocks * block_size
-        keep = torch.arange(padded_len, device=device) < decode_ctx_t[:, None]
-        decode_mask = _additive(keep, dtype)[:, None, None, :]
+        decode_groups = []
+        for g, members in enumerate(groups):
+            rows_t, block_ids_t, group_ctx_t = views[4 + 3 * g : 7 + 3 * g]
+            rows_host = starts[members]
+            rows: slice | torch.Tensor = rows_t
+            if rows_host[-1] - rows_host[0] == len(members) - 1:
+                rows = slice(int(rows_host[0]), int(rows_host[0]) + len(members))
+            padded_len = int(needed[members].max()) * block_size
+            keep = torch.arange(padded_len, device=device) < group_ctx_t[:, None]
+            pad_mask = _additive(keep, dtype)[:, None, None, :]
+            decode_groups.append(DecodeGroup(rows, len(members), block_ids_t, pad_mask))
 
         start_list = [int(s) for s in starts]
         prefills = []
@@ -160,9 +179,7 @@ class AttentionMetadata:
             context_lens=ctx_t,
             block_tables=table_t,
             num_decodes=len(decodes),
-            decode_rows=decode_rows,
-            decode_block_ids=decode_blocks_t,
-            decode_mask=decode_mask,
+            decode_groups=tuple(decode_groups),
             prefills=tuple(prefills),
         )
 
@@ -197,11 +214,11 @@ def paged_attention(
 ) -> torch.Tensor:  # [T, num_heads, head_dim]
     """Attention of each token to its sequence's cached K/V (this step's must be stored first).
     Given `k` and `v`, a prefill with no cached prefix uses them instead of reading them back."""
-    if meta.num_decodes == meta.num_tokens:
-        return _decode(q, k_cache, v_cache, meta, scale)
+    if len(meta.decode_groups) == 1 and meta.num_decodes == meta.num_tokens:
+        return _decode(q, k_cache, v_cache, meta.decode_groups[0], scale)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if meta.num_decodes:
-        out[meta.decode_rows] = _decode(q[meta.decode_rows], k_cache, v_cache, meta, scale)
+    for group in meta.decode_groups:
+        out[group.rows] = _decode(q[group.rows], k_cache, v_cache, group, scale)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     for chunk in meta.prefills:
         rows = slice(chunk.start, chunk.end)
@@ -214,11 +231,11 @@ def paged_attention(
         # SDPA's fast CPU path wants 4-d inputs: [1, heads, len, head_dim]. K/V are repeated
         # per query head rather than passed with enable_gqa, which keeps CUDA off the slow
         # math kernel.
-        group = q.shape[1] // num_kv_heads
+        per_kv = q.shape[1] // num_kv_heads
         o = F.scaled_dot_product_attention(
             q[rows].transpose(0, 1)[None],
-            _per_query_head(k_seq.transpose(0, 1), group)[None],
-            _per_query_head(v_seq.transpose(0, 1), group)[None],
+            _per_query_head(k_seq.transpose(0, 1), per_kv)[None],
+            _per_query_head(v_seq.transpose(0, 1), per_kv)[None],
             attn_mask=chunk.mask,
             is_causal=chunk.mask is None,
             scale=scale,
@@ -236,19 +253,19 @@ def _decode(
     q: torch.Tensor,  # [num_decodes, num_heads, head_dim]
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    meta: AttentionMetadata,
+    group: DecodeGroup,
     scale: float,
 ) -> torch.Tensor:  # [num_decodes, num_heads, head_dim]
     num_decodes, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     # [num_decodes, num_kv_heads, padded_len, head_dim]
-    k_buffer, v_buffer = meta.decode_buffers(k_cache)
-    k = torch.index_select(k_cache, 0, meta.decode_block_ids, out=k_buffer)
+    k_buffer, v_buffer = group.gather_buffers(k_cache)
+    k = torch.index_select(k_cache, 0, group.block_ids, out=k_buffer)
     k = k.view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
-    v = torch.index_select(v_cache, 0, meta.decode_block_ids, out=v_buffer)
+    v = torch.index_select(v_cache, 0, group.block_ids, out=v_buffer)
     v = v.view(num_decodes, -1, num_kv_heads, head_dim).transpose(1, 2)
     # GQA without repeating K/V: the query heads that share a KV head stand in for SDPA's query
     # length, which is free since a decode has one query and the mask is the same for all of them.
     q = q.reshape(num_decodes, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.decode_mask, scale=scale)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, scale=scale)
     return o.reshape(num_decodes, num_heads, head_dim)

@@ -111,18 +111,19 @@ def test_metadata_positions_slots_and_decode_group() -> None:
     assert meta.context_lens.tolist() == [6, 3, 2]
     assert meta.block_tables.tolist() == [[7, 2], [5, 0], [0, 0]]
     assert meta.num_decodes == 2
-    assert isinstance(meta.decode_rows, torch.Tensor)
-    assert meta.decode_rows.tolist() == [0, 4]
-    assert meta.decode_block_ids.tolist() == [7, 2, 0, 0]
-    assert meta.decode_mask.shape == (2, 1, 1, 8)
-    assert (meta.decode_mask[0, 0, 0] == 0).tolist() == [True] * 6 + [False] * 2
+    (group,) = meta.decode_groups
+    assert isinstance(group.rows, torch.Tensor)
+    assert group.rows.tolist() == [0, 4]
+    assert group.block_ids.tolist() == [7, 2, 0, 0]
+    assert group.mask.shape == (2, 1, 1, 8)
+    assert (group.mask[0, 0, 0] == 0).tolist() == [True] * 6 + [False] * 2
     (chunk,) = meta.prefills
     assert (chunk.start, chunk.end, chunk.context_len, chunk.mask) == (1, 4, 3, None)
 
 
 def test_metadata_decodes_first_are_a_slice() -> None:
     meta = _meta([1, 1, 2], [3, 4, 5], [[1], [2], [3, 4]], block_size=4)
-    assert meta.decode_rows == slice(0, 2)
+    assert meta.decode_groups[0].rows == slice(0, 2)
     (chunk,) = meta.prefills
     assert chunk.mask is not None  # a chunk after a cached prefix needs an offset causal mask
     assert (chunk.mask == 0).tolist() == [
@@ -223,3 +224,14 @@ def test_meminfo_fallback(tmp_path: Path) -> None:
     meminfo.write_text("MemTotal:  100 kB\n")
     with pytest.raises(ConfigError):
         kv_cache._mem_available_from_proc(meminfo)
+
+
+def test_many_decodes_are_grouped_by_context_length() -> None:
+    # 16 decodes, lengths alternating short and long: two groups, the short ones unpadded.
+    lens = [4 if i % 2 == 0 else 64 for i in range(16)]
+    tables = [list(range(i * 16, i * 16 + 16)) for i in range(16)]
+    meta = _meta([1] * 16, lens, tables, block_size=4)
+    short, long = meta.decode_groups
+    assert short.rows.tolist() == list(range(0, 16, 2))
+    assert short.mask.shape == (8, 1, 1, 4) and long.mask.shape == (8, 1, 1, 64)
+    assert sum(g.num for g in meta.decode_groups) == 16
