@@ -46,10 +46,6 @@ class Registry:
         self._instances = fresh
         await self._notify()
 
-    async def remove(self, instance_id: str) -> None:
-        self._instances.pop(instance_id, None)
-        await self._notify()
-
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()

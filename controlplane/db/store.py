@@ -273,7 +273,7 @@ def list_instances(
 # ---------------------------------------------------------------------------------------------
 
 
-def _events(session: Session, kind: str, entity_id: str) -> list[wire.EventInfo]:
+def events_of(session: Session, kind: str, entity_id: str) -> list[wire.EventInfo]:
     query = (
         select(t.Event)
         .where(t.Event.entity_kind == kind, t.Event.entity_id == entity_id)
@@ -292,10 +292,6 @@ def _events(session: Session, kind: str, entity_id: str) -> list[wire.EventInfo]
     ]
 
 
-def events_of(session: Session, kind: str, entity_id: str) -> list[wire.EventInfo]:
-    return _events(session, kind, entity_id)
-
-
 def task_info(session: Session, row: t.Task, *, with_events: bool) -> wire.TaskInfo:
     return wire.TaskInfo(
         id=row.id,
@@ -308,7 +304,7 @@ def task_info(session: Session, row: t.Task, *, with_events: bool) -> wire.TaskI
         started_at=row.started_at,
         finished_at=row.finished_at,
         error=row.error,
-        events=_events(session, "task", row.id) if with_events else [],
+        events=events_of(session, "task", row.id) if with_events else [],
     )
 
 
@@ -326,7 +322,7 @@ def job_info(session: Session, row: t.Job, *, with_children: bool) -> wire.JobIn
         finished_at=row.finished_at,
         error=row.error,
         tasks=tasks,
-        events=_events(session, "job", row.id) if with_children else [],
+        events=events_of(session, "job", row.id) if with_children else [],
     )
 
 
@@ -346,7 +342,7 @@ def request_info(session: Session, row: t.Request, *, with_children: bool) -> wi
         finished_at=row.finished_at,
         error=row.error,
         jobs=jobs,
-        events=_events(session, "request", row.id) if with_children else [],
+        events=events_of(session, "request", row.id) if with_children else [],
     )
 
 

@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from controlplane.wire import GenerateDelta, GenerateDone, GenerateError
 from dataplane.flowserve.engine import Engine, EngineStats
@@ -51,7 +51,7 @@ class _Active:
     sink: Sink
     arrived: float = 0.0  # time.monotonic() when the engine thread took it
     first_token_at: float | None = None
-    last_token_at: dict[int, float] | None = None  # per choice index
+    last_token_at: dict[int, float] = field(default_factory=dict)  # per choice index
 
 
 class EngineDriver:
@@ -177,9 +177,7 @@ class EngineDriver:
         self._metrics.generation_tokens.inc()
         if active.first_token_at is None:
             active.first_token_at = now
-            active.last_token_at = {}
             self._metrics.time_to_first_token.observe(now - active.arrived)
-        assert active.last_token_at is not None
         previous = active.last_token_at.get(index)
         if previous is not None:
             self._metrics.inter_token_latency.observe(now - previous)

@@ -153,27 +153,25 @@ class Metrics:
             [*labels, "finished_reason"],
             registry=self.registry,
         )
-        self.time_to_first_token = Histogram(
-            PREFIX + "time_to_first_token_seconds",
+        self.time_to_first_token = self._histogram(
+            "time_to_first_token_seconds",
             "From a request's arrival to its first token.",
-            labels,
-            buckets=TTFT_BUCKETS,
-            registry=self.registry,
-        ).labels(model_name)
-        self.inter_token_latency = Histogram(
-            PREFIX + "inter_token_latency_seconds",
-            "Between two tokens of one sequence.",
-            labels,
-            buckets=ITL_BUCKETS,
-            registry=self.registry,
-        ).labels(model_name)
-        self.e2e_request_latency = Histogram(
-            PREFIX + "e2e_request_latency_seconds",
+            TTFT_BUCKETS,
+        )
+        self.inter_token_latency = self._histogram(
+            "inter_token_latency_seconds", "Between two tokens of one sequence.", ITL_BUCKETS
+        )
+        self.e2e_request_latency = self._histogram(
+            "e2e_request_latency_seconds",
             "From a request's arrival to its last token.",
-            labels,
-            buckets=E2E_BUCKETS,
-            registry=self.registry,
-        ).labels(model_name)
+            E2E_BUCKETS,
+        )
+
+    def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+        family = Histogram(
+            PREFIX + name, doc, ["model_name"], buckets=buckets, registry=self.registry
+        )
+        return family.labels(self._model_name)
 
     def watch(self, stats: Callable[[], EngineStats | None]) -> None:
         """Read the engine's gauges and counters from `stats()` at scrape time."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from dataplane.flowserve.sampling_params import SamplingParams
 
@@ -45,8 +45,6 @@ class Sequence:
     # Chained hashes of this sequence's full blocks, a memo the block manager extends: tokens are
     # append-only, so a full block's hash never changes (and survives preemption).
     block_hashes: list[bytes] = field(default_factory=list)
-    # The first engine's per-sequence state (a Hugging Face cache); owned and freed by its runner.
-    runner_state: Any = None
 
     @property
     def all_token_ids(self) -> list[int]:
