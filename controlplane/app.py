@@ -15,12 +15,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from controlplane.api.errors import EXCEPTION_HANDLERS
+from controlplane.api.files import FilesRoutes
+from controlplane.api.fine_tuning import FineTuningRoutes
 from controlplane.api.manage import ManageRoutes
 from controlplane.api.openai import OpenAIRoutes
 from controlplane.db import store
 from controlplane.db.recorder import Recorder
 from controlplane.db.session import Database
 from controlplane.jobs.chat import ChatExecutor
+from controlplane.jobs.fine_tune import FineTuneExecutor
 from controlplane.reconcile.reconciler import Reconciler
 from controlplane.registry import Registry
 from controlplane.settings import Settings
@@ -65,32 +68,55 @@ def create_app(
         dispatch_timeout_s=settings.dispatch_timeout_s,
         max_inflight_requests=settings.max_inflight_requests,
     )
+    fine_tunes = FineTuneExecutor(settings=settings, db=db, http=http, clock=clock)
     manage = ManageRoutes(
-        settings=settings, db=db, recorder=recorder, reconciler=reconciler, clock=clock
+        settings=settings,
+        db=db,
+        recorder=recorder,
+        reconciler=reconciler,
+        clock=clock,
+        on_training_report=fine_tunes.apply_report,
+        on_training_heartbeat=fine_tunes.heartbeat,
     )
-    openai = OpenAIRoutes(executor, settings.max_body_bytes)
+    openai = OpenAIRoutes(executor, settings.max_body_bytes, db)
+    files = FilesRoutes(settings=settings, db=db, clock=clock)
+    fine_tuning = FineTuningRoutes(
+        executor=fine_tunes, db=db, max_body_bytes=settings.max_body_bytes
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         db.migrate()
+        failed_fine_tunes = fine_tunes.recover()  # before fail_orphans: it ends their records
+        if failed_fine_tunes:
+            log.warning("failed %d fine-tuning jobs left in flight", failed_fine_tunes)
         failed = db.call(lambda s: store.fail_orphans(s, clock(), "control plane restarted"))
         if failed:
             log.warning("marked %d records left in flight by a previous run as failed", failed)
         recorder.start()
         reconciler.start()
+        fine_tunes.start()
         try:
             yield
         finally:
+            await fine_tunes.close()
             await reconciler.close()
             await recorder.close()
             await http.aclose()
             db.dispose()
 
-    routes = [Route("/health", health, methods=["GET"]), *openai.routes(), *manage.routes()]
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        *openai.routes(),
+        *files.routes(),
+        *fine_tuning.routes(),
+        *manage.routes(),
+    ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
     app.state.db = db
     app.state.registry = registry
     app.state.recorder = recorder
     app.state.reconciler = reconciler
     app.state.executor = executor
+    app.state.fine_tunes = fine_tunes
     return app

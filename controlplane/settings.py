@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +29,32 @@ class Settings:
     # Record writes are batched: flushed when this many are queued or this much time passed.
     record_flush_interval_s: float = 0.05
     record_batch_size: int = 256
-    # A request waits this long for a ready instance before 503.
+    # The activator: a request waits this long for a ready instance (while a deployment scales
+    # from zero, say) before 503. `DEEPFLOW_DISPATCH_TIMEOUT_S` sets it.
     dispatch_timeout_s: float = 60.0
     # A task's stream may stay silent this long before the instance is considered lost.
     task_idle_timeout_s: float = 120.0
     max_body_bytes: int = 4 * 1024 * 1024
     # Requests in flight across the platform beyond which new ones get 429.
     max_inflight_requests: int = 1024
+    # Uploads through /v1/files larger than this are refused.
+    max_file_bytes: int = 512 * 1024 * 1024
+    # A training whose trainer fails restarts from its last checkpoint at most this many times.
+    fine_tune_max_restarts: int = 2
+    # A training task with no report from its node for this long has failed.
+    training_report_timeout_s: float = 600.0
+    # A queued fine-tuning job waits this long for a ready node before it fails.
+    training_queue_timeout_s: float = 3600.0
+    # How often in-flight trainings are checked for silence and lost nodes.
+    training_watch_interval_s: float = 2.0
+
+    @property
+    def files_dir(self) -> Path:
+        return self.home / "files"
+
+    @property
+    def fine_tunes_dir(self) -> Path:
+        return self.home / "fine_tunes"
 
     @property
     def url(self) -> str:
@@ -46,4 +66,8 @@ class Settings:
     ) -> Settings:
         home = deepflow_home()
         url = database_url or os.environ.get("DEEPFLOW_DATABASE_URL") or default_database_url(home)
-        return cls(home=home, database_url=url, host=host, port=port)
+        settings = cls(home=home, database_url=url, host=host, port=port)
+        timeout = os.environ.get("DEEPFLOW_DISPATCH_TIMEOUT_S")
+        if timeout:
+            settings = dataclasses.replace(settings, dispatch_timeout_s=float(timeout))
+        return settings

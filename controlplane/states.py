@@ -1,7 +1,8 @@
 """State enums and their transition tables.
 
-Requests, jobs, tasks, instances and nodes each move through an explicit table. Every change goes
-through `check_transition`, and the store writes an event row for it (see `db/recorder.py`).
+Requests, jobs, tasks, instances, nodes and fine-tuning jobs each move through an explicit table.
+Every change goes through `check_transition`, and the store writes an event row for it (see
+`db/recorder.py`).
 """
 
 from __future__ import annotations
@@ -74,6 +75,25 @@ class NodeState(StrEnum):
         return frozenset({cls.DOWN})
 
 
+class FineTuneState(StrEnum):
+    """An OpenAI fine-tuning job's `status`; the request, jobs and tasks behind it move too."""
+
+    VALIDATING_FILES = "validating_files"  # created; the validate job reads its files
+    QUEUED = "queued"  # files are valid; waiting for a node to take the training
+    RUNNING = "running"  # training (and then evaluation and registration) under way
+    SUCCEEDED = "succeeded"  # the fine-tuned model is registered
+    FAILED = "failed"  # invalid files, training failed past its restarts, or a restart
+    CANCELLED = "cancelled"  # the user cancelled it
+
+    @classmethod
+    def terminal(cls) -> frozenset[FineTuneState]:
+        return frozenset({cls.SUCCEEDED, cls.FAILED, cls.CANCELLED})
+
+    @classmethod
+    def in_flight(cls) -> frozenset[FineTuneState]:
+        return frozenset({cls.VALIDATING_FILES, cls.QUEUED, cls.RUNNING})
+
+
 class JobKind(StrEnum):
     CHAT = "chat"
     COMPLETION = "completion"
@@ -98,6 +118,7 @@ class RequestKind(StrEnum):
 
 
 _R, _J, _T, _I, _N = RequestState, JobState, TaskState, InstanceState, NodeState
+_F = FineTuneState
 
 TRANSITIONS: dict[type, dict[str, frozenset[str]]] = {
     RequestState: {
@@ -124,7 +145,8 @@ TRANSITIONS: dict[type, dict[str, frozenset[str]]] = {
     },
     InstanceState: {
         _I.PENDING: frozenset({_I.STARTING, _I.FAILED, _I.STOPPED}),
-        _I.STARTING: frozenset({_I.READY, _I.FAILED, _I.STOPPED}),
+        # A starting instance scaled away drains (nothing to finish: it is stopped next tick).
+        _I.STARTING: frozenset({_I.READY, _I.DRAINING, _I.FAILED, _I.STOPPED}),
         _I.READY: frozenset({_I.DRAINING, _I.FAILED, _I.STOPPED}),
         _I.DRAINING: frozenset({_I.STOPPED, _I.FAILED}),
         _I.STOPPED: frozenset(),
@@ -135,9 +157,17 @@ TRANSITIONS: dict[type, dict[str, frozenset[str]]] = {
         _N.UNREACHABLE: frozenset({_N.READY, _N.DOWN}),
         _N.DOWN: frozenset({_N.READY}),  # a node that registers again comes back
     },
+    FineTuneState: {
+        _F.VALIDATING_FILES: frozenset({_F.QUEUED, _F.FAILED, _F.CANCELLED}),
+        _F.QUEUED: frozenset({_F.RUNNING, _F.FAILED, _F.CANCELLED}),
+        _F.RUNNING: frozenset({_F.SUCCEEDED, _F.FAILED, _F.CANCELLED}),
+        _F.SUCCEEDED: frozenset(),
+        _F.FAILED: frozenset(),
+        _F.CANCELLED: frozenset(),
+    },
 }
 
-S = TypeVar("S", RequestState, JobState, TaskState, InstanceState, NodeState)
+S = TypeVar("S", RequestState, JobState, TaskState, InstanceState, NodeState, FineTuneState)
 
 
 def check_transition(current: S, target: S) -> S:
@@ -148,5 +178,7 @@ def check_transition(current: S, target: S) -> S:
     return target
 
 
-def is_terminal(state: RequestState | JobState | TaskState | InstanceState | NodeState) -> bool:
+def is_terminal(
+    state: RequestState | JobState | TaskState | InstanceState | NodeState | FineTuneState,
+) -> bool:
     return state in type(state).terminal()

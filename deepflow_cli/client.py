@@ -7,10 +7,13 @@ its message (404 -> `NOT_FOUND`, anything else -> `ERROR`); a refused or timed-o
 
 from __future__ import annotations
 
+import io
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -24,14 +27,22 @@ from controlplane.wire import (
     DeploymentInfo,
     DeploymentUpdate,
     ErrorBody,
+    FileDeleted,
+    FileObject,
+    FineTuningCheckpoint,
+    FineTuningEvent,
+    FineTuningJob,
+    FineTuningJobCreate,
     InstanceInfo,
     JobInfo,
     ListOf,
     ModelCreate,
     ModelInfo,
     NodeInfo,
+    Page,
     PlatformStatus,
     RequestInfo,
+    ScalingEventInfo,
     TaskInfo,
 )
 from deepflow_cli.errors import CliError, ExitCode
@@ -40,6 +51,15 @@ DEFAULT_TIMEOUT_S = 30.0
 # Generation may wait for a replica to start or produce many tokens; only connecting is quick.
 GENERATE_READ_TIMEOUT_S = 600.0
 M = TypeVar("M", bound=BaseModel)
+UploadProgress = Callable[[int, int], None]  # (bytes sent, total bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class Paged(Generic[M]):
+    """One page of an OpenAI list, newest first; pass `items[-1].id` as `after` for the next."""
+
+    items: list[M]
+    has_more: bool
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -165,6 +185,21 @@ class DeepFlowClient:
         except ValidationError as exc:
             raise CliError(f"unexpected reply from {path}: {_first_error(exc)}") from exc
 
+    def _page(
+        self,
+        model: type[M],
+        path: str,
+        params: dict[str, str | int | None] | None = None,
+    ) -> Paged[M]:
+        sent = {k: v for k, v in (params or {}).items() if v is not None}
+        response = self._send("GET", path, params=sent)
+        try:
+            page = Page.model_validate_json(response.content)
+            items = [model.model_validate(item) for item in page.data]
+        except ValidationError as exc:
+            raise CliError(f"unexpected reply from {path}: {_first_error(exc)}") from exc
+        return Paged(items, page.has_more)
+
     # -- platform ------------------------------------------------------------------------------
 
     def status(self) -> PlatformStatus:
@@ -190,16 +225,25 @@ class DeepFlowClient:
     def list_deployments(self) -> list[DeploymentInfo]:
         return self._many(DeploymentInfo, "/api/v1/deployments")
 
-    def create_deployment(self, name: str, model: str, replicas: int = 1) -> DeploymentInfo:
-        body = _build(DeploymentCreate, name=name, model=model, replicas=replicas)
+    def create_deployment(
+        self, name: str, model: str, replicas: int | None = 1, **autoscaling: Any
+    ) -> DeploymentInfo:
+        """`autoscaling`: DeploymentCreate's fields (max_replicas turns autoscaling on)."""
+        body = _build(DeploymentCreate, name=name, model=model, replicas=replicas, **autoscaling)
         return self._one(DeploymentInfo, "POST", "/api/v1/deployments", body)
 
     def get_deployment(self, name: str) -> DeploymentInfo:
         return self._one(DeploymentInfo, "GET", f"/api/v1/deployments/{name}")
 
-    def update_deployment(self, name: str, *, replicas: int | None = None) -> DeploymentInfo:
-        body = _build(DeploymentUpdate, replicas=replicas)
+    def update_deployment(
+        self, name: str, *, replicas: int | None = None, **autoscaling: Any
+    ) -> DeploymentInfo:
+        body = _build(DeploymentUpdate, replicas=replicas, **autoscaling)
         return self._one(DeploymentInfo, "PATCH", f"/api/v1/deployments/{name}", body)
+
+    def scaling_events(self, name: str, *, limit: int = 50) -> list[ScalingEventInfo]:
+        path = f"/api/v1/deployments/{name}/scaling"
+        return self._many(ScalingEventInfo, path, {"limit": limit})
 
     def delete_deployment(self, name: str) -> DeploymentInfo:
         return self._one(DeploymentInfo, "DELETE", f"/api/v1/deployments/{name}")
@@ -317,6 +361,91 @@ class DeepFlowClient:
                 "use `deepflow chat` to stream"
             ) from exc
 
+    # -- files (OpenAI) ------------------------------------------------------------------------
+
+    def upload_file(
+        self, path: Path, purpose: str, progress: UploadProgress | None = None
+    ) -> FileObject:
+        """Send a local file as multipart form data; `progress` hears of every chunk read."""
+        try:
+            file = path.open("rb") if progress is None else _ReadProgress(path, progress)
+        except OSError as exc:
+            raise CliError(f"cannot read {path}: {exc.strerror}") from exc
+        with file:
+            try:
+                response = self._http.post(
+                    "/v1/files",
+                    files={"file": (path.name, file, "application/octet-stream")},
+                    data={"purpose": purpose},
+                    # The server checks every line before it answers.
+                    timeout=self._generate_timeout,
+                )
+            except httpx.TransportError as exc:
+                raise self._unreachable(exc) from exc
+        self._check(response)
+        try:
+            return FileObject.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise CliError(f"unexpected reply from /v1/files: {_first_error(exc)}") from exc
+
+    def list_files(
+        self, *, purpose: str | None = None, limit: int | None = None
+    ) -> list[FileObject]:
+        files = self._page(FileObject, "/v1/files", {"purpose": purpose, "limit": limit}).items
+        if purpose is not None:
+            files = [f for f in files if f.purpose == purpose]
+        return files[:limit] if limit is not None else files
+
+    def get_file(self, file_id: str) -> FileObject:
+        return self._one(FileObject, "GET", f"/v1/files/{file_id}")
+
+    def delete_file(self, file_id: str) -> FileDeleted:
+        return self._one(FileDeleted, "DELETE", f"/v1/files/{file_id}")
+
+    def file_content(self, file_id: str) -> Iterator[bytes]:
+        """Yield a file's bytes as they arrive."""
+        try:
+            with self._http.stream("GET", f"/v1/files/{file_id}/content") as response:
+                self._check(response)
+                yield from response.iter_bytes()
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+
+    # -- fine-tuning (OpenAI) ------------------------------------------------------------------
+
+    def create_fine_tuning_job(self, body: FineTuningJobCreate) -> FineTuningJob:
+        return self._one(FineTuningJob, "POST", "/v1/fine_tuning/jobs", body)
+
+    def list_fine_tuning_jobs(
+        self, *, after: str | None = None, limit: int | None = None
+    ) -> Paged[FineTuningJob]:
+        params: dict[str, str | int | None] = {"after": after, "limit": limit}
+        return self._page(FineTuningJob, "/v1/fine_tuning/jobs", params)
+
+    def get_fine_tuning_job(self, job_id: str) -> FineTuningJob:
+        return self._one(FineTuningJob, "GET", f"/v1/fine_tuning/jobs/{job_id}")
+
+    def cancel_fine_tuning_job(self, job_id: str) -> FineTuningJob:
+        return self._one(FineTuningJob, "POST", f"/v1/fine_tuning/jobs/{job_id}/cancel")
+
+    def list_fine_tuning_events(
+        self, job_id: str, *, after: str | None = None, limit: int | None = None
+    ) -> Paged[FineTuningEvent]:
+        params: dict[str, str | int | None] = {"after": after, "limit": limit}
+        return self._page(FineTuningEvent, f"/v1/fine_tuning/jobs/{job_id}/events", params)
+
+    def list_fine_tuning_checkpoints(
+        self, job_id: str, *, after: str | None = None, limit: int | None = None
+    ) -> Paged[FineTuningCheckpoint]:
+        params: dict[str, str | int | None] = {"after": after, "limit": limit}
+        path = f"/v1/fine_tuning/jobs/{job_id}/checkpoints"
+        return self._page(FineTuningCheckpoint, path, params)
+
+
+def fine_tuning_job_body(**fields: Any) -> FineTuningJobCreate:
+    """Validate the fields of a new fine-tuning job (None leaves one out) before any upload."""
+    return _build(FineTuningJobCreate, **fields)
+
 
 def _build(schema: type[M], /, **fields: Any) -> M:
     """Validate a request body here, so a bad option is reported before anything is sent."""
@@ -350,3 +479,17 @@ def _sse_text(lines: Iterator[str]) -> Iterator[str]:
         for choice in chunk.choices:
             if choice.index == 0 and choice.delta.content:
                 yield choice.delta.content
+
+
+class _ReadProgress(io.BufferedReader):
+    """A file opened for reading that reports how far multipart encoding has read it."""
+
+    def __init__(self, path: Path, report: UploadProgress) -> None:
+        super().__init__(io.FileIO(path, "rb"))
+        self._total = path.stat().st_size
+        self._report = report
+
+    def read(self, size: int | None = -1) -> bytes:
+        chunk = super().read(size)
+        self._report(self.tell(), self._total)
+        return chunk

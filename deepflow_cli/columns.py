@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
-from controlplane.wire import DeploymentInfo, EventInfo, JobInfo, NodeInfo, RequestInfo, TaskInfo
+from controlplane.wire import (
+    DeploymentInfo,
+    EventInfo,
+    InstanceInfo,
+    JobInfo,
+    NodeInfo,
+    RequestInfo,
+    ScalingEventInfo,
+    TaskInfo,
+)
 from deepflow_cli.output import Column, clock, count, field, size, when
 
 
 def _ready(d: DeploymentInfo) -> str:
     return f"{d.ready_replicas}/{d.replicas}"
+
+
+def _scaling(d: DeploymentInfo) -> str:
+    auto = d.autoscaling
+    if auto is None:
+        return "fixed"
+    return f"auto {auto.min_replicas}-{auto.max_replicas} @{auto.target_concurrency:g}"
+
+
+def _replicas_change(e: ScalingEventInfo) -> str:
+    return f"{e.from_replicas} -> {e.to_replicas}"
+
+
+def _load(e: ScalingEventInfo) -> str:
+    load = e.inputs.get("load")
+    return "-" if load is None else str(load)
 
 
 def _transition(e: EventInfo) -> str:
@@ -20,6 +45,29 @@ def _entity(e: EventInfo) -> str:
 
 def _memory(n: NodeInfo) -> str:
     return size(n.resources.memory_bytes)
+
+
+def seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} s"
+
+
+def _stage(name: str, header: str) -> Column:
+    """One of the node's four scale-up stages (docs/scaling.md), from the instance's report."""
+
+    def read(i: InstanceInfo) -> str:
+        return seconds(getattr(i.startup, name) if i.startup is not None else None)
+
+    return Column(header, read)
+
+
+def _to_routed(i: InstanceInfo) -> str:
+    """All five stages: from the launch request to the registry routing to it."""
+    if i.startup is None or i.registration_s is None:
+        return "-"
+    s = i.startup
+    return seconds(
+        s.pod_ready_s + s.runtime_preload_s + s.weight_load_s + s.post_load_s + i.registration_s
+    )
 
 
 MODEL = [
@@ -37,7 +85,16 @@ DEPLOYMENT = [
     field("name"),
     field("model"),
     Column("ready", _ready),
+    Column("scaling", _scaling),
     field("created_at", "created", when),
+]
+
+SCALING_EVENT = [
+    field("at", fmt=when),
+    field("kind"),
+    Column("replicas", _replicas_change),
+    Column("load", _load),
+    field("reason"),
 ]
 
 INSTANCE = [
@@ -52,8 +109,17 @@ INSTANCE = [
     field("reason"),
     field("created_at", "created", when),
     field("updated_at", "updated", when),
+    field("launch_path", "path"),
+    Column("passed over", lambda i: "; ".join(i.fallbacks) or "-"),
+    Column("weights from", lambda i: (i.startup and i.startup.weights_source) or "-"),
+    _stage("pod_ready_s", "pod ready"),
+    _stage("runtime_preload_s", "runtime pre-load"),
+    _stage("weight_load_s", "weight load"),
+    _stage("post_load_s", "post-load"),
+    field("registration_s", "registration", seconds),
+    Column("request to routed", _to_routed),
 ]
-INSTANCE_LIST = [INSTANCE[i] for i in (0, 1, 3, 5, 6, 8)]
+INSTANCE_LIST = [INSTANCE[i] for i in (0, 1, 3, 11, 5, 6, 8)]
 
 NODE = [
     field("id"),

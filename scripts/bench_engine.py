@@ -3,8 +3,10 @@
     python scripts/bench_engine.py                      # SmolLM2 from $DEEPFLOW_HOME/models
     python scripts/bench_engine.py --preset tiny        # a random model, for a smoke run
     python scripts/bench_engine.py --quick --json out.json
+    python scripts/bench_engine.py --device cuda --preset llama-1b   # the GPU run: bench_gpu.py
 
-Systems, each on the same workload (or, for hf-seq, an evenly spread subset of it), the same model
+Systems, each on the same workload (or, for hf-seq and flowserve-server@1, the same evenly spread
+subset of it), the same model
 folder, greedy, with ignore_eos (every request produces exactly its max_tokens):
 
     hf-seq              `generate` one request at a time
@@ -16,9 +18,11 @@ folder, greedy, with ignore_eos (every request produces exactly its max_tokens):
 Latency. Offline runs (hf-static, flowserve-offline): every request arrives at t0, so TTFT =
 first-token time - t0 (it includes waiting for earlier batches). Closed-loop runs (hf-seq, which is
 a closed loop of one, and flowserve-server@C): a request arrives when its worker sends it. TTFT =
-first token - arrival; ITL = gaps between a request's consecutive tokens, pooled over requests;
-e2e = last token - arrival. On the server a delta carrying k tokens spreads the gap since the
-previous token evenly over its k tokens (the first delta's tokens all land at its arrival).
+first token - arrival (server runs ramp up: worker k+1 starts once worker k has a first token,
+unless --no-ramp-up starts all C at t0); ITL = gaps between a request's consecutive tokens,
+pooled over requests; e2e = last token - arrival. On the server a delta carrying k tokens
+spreads the gap since the previous token evenly over its k tokens (the first delta's tokens all
+land at its arrival).
 Output tok/s = output tokens of the run / wall time of the run.
 """
 
@@ -32,6 +36,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +44,7 @@ from typing import Any
 
 import torch
 import transformers
+from bench_gpu import bench_cuda, render_cuda
 from bench_runs import (
     BenchError,
     Run,
@@ -135,6 +141,8 @@ def percent(value: float | None) -> str:
 
 
 def render(result: dict[str, Any]) -> str:
+    if "gpu" in result:
+        return render_gpu(result)
     m, w = result["machine"], result["workload"]
     lines = [
         f"FlowServe vs Hugging Face generate - {m['date']} - commit {m['commit']}",
@@ -143,8 +151,9 @@ def render(result: dict[str, Any]) -> str:
         f"model: {result['model']} ({m['dtype']}); workload: seed {w['seed']}, "
         f"{w['num_requests']} requests, mean prompt {w['mean_prompt_len']:.0f}, "
         f"mean output {w['mean_output_len']:.0f}, {w['num_shared_prefix']} with a shared "
-        f"system prompt; hf-seq on {w['hf_seq_requests']} of them, evenly spread (mean prompt "
-        f"{w['hf_seq_mean_prompt_len']:.0f}, mean output {w['hf_seq_mean_output_len']:.0f})",
+        f"system prompt; hf-seq and server@1 on {w['hf_seq_requests']} of them, evenly spread "
+        f"(mean prompt {w['hf_seq_mean_prompt_len']:.0f}, "
+        f"mean output {w['hf_seq_mean_output_len']:.0f})",
         "",
         "| system | requests | output tok/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) "
         "| ITL p99 (ms) | e2e p50 (s) | prefix hit rate |",
@@ -168,11 +177,29 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_gpu(result: dict[str, Any]) -> str:
+    m, w = result["machine"], result["workload"]
+    lines = [
+        f"FlowServe vs Hugging Face generate on a GPU - {m['date']} - commit {m['commit']}",
+        f"machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}, transformers "
+        f"{m['transformers']}",
+        f"model: {result['model']} ({m['dtype']}); workload: seed {w['seed']}, "
+        f"{w['num_requests']} requests, mean prompt {w['mean_prompt_len']:.0f}, "
+        f"mean output {w['mean_output_len']:.0f}, {w['num_shared_prefix']} with a shared "
+        "system prompt",
+        *render_cuda(result),
+        "",
+        *LATENCY_NOTE,
+    ]
+    return "\n".join(lines)
+
+
 LATENCY_NOTE = (
     "Offline runs (hf-static-*, flowserve-offline): all requests arrive at t0; TTFT = first token"
     " - t0, including the wait for earlier batches.",
     "Closed-loop runs (hf-seq = a loop of one, flowserve-server@C = C workers): a request arrives"
     " when sent; TTFT = first token - arrival.",
+    "Server runs ramp up unless --no-ramp-up: worker k+1 starts when worker k has its first token.",
     "ITL: gaps between consecutive tokens of a request, pooled; e2e: last token - arrival;"
     " output tok/s: output tokens / wall time of the run.",
 )
@@ -239,12 +266,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument(
         "--preset", choices=sorted(PRESETS), help="write a random model of this shape and use it"
     )
-    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--num-requests", type=int, default=None, help="default: 64, 512 on cuda")
     p.add_argument(
         "--hf-requests", type=int, default=16, help="requests hf-seq runs (a spread subset)"
     )
-    p.add_argument("--concurrency", type=int_list, default=[1, 8, 32, 64])
-    p.add_argument("--batch-sizes", type=int_list, default=[16, 32], help="hf-static batch sizes")
+    p.add_argument(
+        "--concurrency", type=int_list, default=None, help="default: 1,8,32,64; 16,64,256 on cuda"
+    )
+    p.add_argument(
+        "--batch-sizes",
+        type=int_list,
+        default=None,
+        help="hf-static batch sizes (default: 16,32; 16,64,256 on cuda)",
+    )
     p.add_argument("--skip", type=system_list, default=set(), help=f"any of {','.join(SYSTEMS)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-prompt", type=int, default=16)
@@ -255,15 +289,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-num-seqs", type=int, default=None, help="engine slots (default: max concurrency)"
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="default: float32 on cpu, bfloat16 on cuda",
+    )
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, default=4096, help="engine step budget (cuda)"
+    )
+    p.add_argument("--eager", action="store_true", help="no decode graphs (cuda)")
     p.add_argument(
         "--reuse-server",
         action="store_true",
         help="one server for every concurrency (faster; later levels hit earlier prompts' cache)",
     )
+    p.add_argument(
+        "--ramp-up",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="server runs: start worker k+1 once worker k has a first token, instead of a"
+        " burst of C requests at t0 (default: on)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write every result here")
     p.add_argument("--quick", action="store_true", help="tiny preset, few short requests (tests)")
     args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    if args.num_requests is None:
+        args.num_requests = 512 if cuda else 64
+    if args.concurrency is None:
+        args.concurrency = [16, 64, 256] if cuda else [1, 8, 32, 64]
+    if args.batch_sizes is None:
+        args.batch_sizes = [16, 64, 256] if cuda else [16, 32]
+    if args.dtype is None:
+        args.dtype = "bfloat16" if cuda else "float32"
     if args.quick:
         if args.model is None:
             args.preset = args.preset or "tiny"
@@ -297,6 +356,15 @@ def build_workload(args: argparse.Namespace, model: str) -> list[WorkItem]:
 
 def bench(args: argparse.Namespace, model: str, work_dir: Path) -> dict[str, Any]:
     items = build_workload(args, model)
+    if args.device == "cuda":
+        return {
+            "machine": machine_info(args),
+            "model": model if args.preset is None else f"random:{args.preset}",
+            "quick": args.quick,
+            "workload": asdict(summarize(items)) | {"seed": args.seed},
+            "latency_definitions": list(LATENCY_NOTE),
+            "gpu": bench_cuda(args, model, items),
+        }
     hf_items = spread_subset(items, args.hf_requests)
     runs: list[Run] = []
     if not {"hf-seq", "hf-static"} <= args.skip:
@@ -327,15 +395,23 @@ def bench(args: argparse.Namespace, model: str, work_dir: Path) -> dict[str, Any
         options = ["--max-num-seqs", str(args.max_num_seqs), "--dtype", args.dtype]
         options += ["--device", args.device]
         log = work_dir / "server.log"
-        runs += run_server(
-            model,
-            options,
-            items,
-            args.concurrency,
-            log,
-            reuse=args.reuse_server,
-            on_run=report_progress,
-        )
+        # Concurrency 1 is a loop of one, like hf-seq: it runs hf-seq's requests, so the two
+        # compare request for request (and the slowest level does not dominate the run's time).
+        for subset, levels in (
+            (hf_items, [c for c in args.concurrency if c == 1]),
+            (items, [c for c in args.concurrency if c != 1]),
+        ):
+            if levels:
+                runs += run_server(
+                    model,
+                    options,
+                    subset,
+                    levels,
+                    log,
+                    reuse=args.reuse_server,
+                    ramp_up=args.ramp_up,
+                    on_run=report_progress,
+                )
 
     summaries = {run.system: run.summary() for run in runs}
     hf_summary = summarize(hf_items)
@@ -364,7 +440,14 @@ def main(argv: list[str] | None = None) -> int:
         work_dir = Path(tmp)
         model = args.model
         if args.preset is not None:
-            model = str(create_random(work_dir / args.preset, args.preset, seed=args.seed))
+            # On a GPU the weights are written in the dtype they run in: half the bytes to
+            # write and read.
+            dtype = args.dtype if args.device == "cuda" else "float32"
+            start = time.perf_counter()
+            model = str(
+                create_random(work_dir / args.preset, args.preset, seed=args.seed, dtype=dtype)
+            )
+            print(f"  wrote {args.preset} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
         try:
             result = bench(args, model, work_dir)
         except BenchError as exc:

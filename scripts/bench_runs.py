@@ -201,3 +201,43 @@ def warmup_prompt(items: list[WorkItem]) -> WorkItem:
     """A short request that shares no prefix with the workload (a run of one token)."""
     token = items[0].prompt_token_ids[-1]
     return WorkItem((token,) * 16, 4)
+
+
+def run_closed_loop(engine: Engine, items: list[WorkItem], concurrency: int) -> Run:
+    """`concurrency` requests in flight in this process: each finished one is replaced by the
+    next at once (a closed loop, like flowserve-server@C without the HTTP hop). A request arrives
+    when it is added; its tokens are stamped when `step()` returns them."""
+    drain(engine, {"warmup": warmup_prompt(items)})
+    before = engine_prefix_counts(engine)
+    traces: dict[str, Trace] = {}
+    pending = iter(enumerate(items))
+    in_flight = 0
+
+    def admit() -> None:
+        nonlocal in_flight
+        for i, item in pending:
+            params = SamplingParams(max_tokens=item.max_tokens, temperature=0.0, ignore_eos=True)
+            engine.add_request(f"c{i}", list(item.prompt_token_ids), params)
+            traces[f"c{i}"] = Trace(time.perf_counter())
+            in_flight += 1
+            if in_flight >= concurrency:
+                return
+
+    t0 = time.perf_counter()
+    admit()
+    while engine.has_unfinished():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            if out.new_token_id is not None:
+                traces[out.request_id].token_times.append(now)
+            if out.finished:
+                in_flight -= 1
+        admit()
+    wall = time.perf_counter() - t0
+    return Run(
+        f"flowserve@{concurrency}",
+        list(traces.values()),
+        wall,
+        hit_rate(before, engine_prefix_counts(engine)),
+    )

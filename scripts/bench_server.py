@@ -87,7 +87,13 @@ def parse_prefix_counts(text: str) -> tuple[float, float] | None:
     return totals[HIT_METRICS[0]], totals[HIT_METRICS[1]]
 
 
-async def stream_one(client: httpx.AsyncClient, url: str, request_id: str, item: WorkItem) -> Trace:
+async def stream_one(
+    client: httpx.AsyncClient,
+    url: str,
+    request_id: str,
+    item: WorkItem,
+    first_token: asyncio.Event | None = None,
+) -> Trace:
     body = {
         "request_id": request_id,
         "prompt_token_ids": list(item.prompt_token_ids),
@@ -108,6 +114,8 @@ async def stream_one(client: httpx.AsyncClient, url: str, request_id: str, item:
                 k = len(event.token_ids)
                 prev = trace.token_times[-1] if trace.token_times else now
                 trace.token_times.extend(prev + (now - prev) * j / k for j in range(1, k + 1))
+                if first_token is not None:
+                    first_token.set()
             elif isinstance(event, GenerateError):
                 raise BenchError(f"{request_id}: {event.message}")
             elif isinstance(event, GenerateDone) and event.completion_tokens != item.max_tokens:
@@ -117,26 +125,44 @@ async def stream_one(client: httpx.AsyncClient, url: str, request_id: str, item:
     return trace
 
 
-async def closed_loop(url: str, items: list[WorkItem], concurrency: int, tag: str) -> Run:
-    """`concurrency` workers; each sends the next request as soon as its previous one is done."""
+async def closed_loop(
+    url: str, items: list[WorkItem], concurrency: int, tag: str, *, ramp_up: bool = False
+) -> Run:
+    """`concurrency` workers; each sends the next request as soon as its previous one is done.
+
+    With `ramp_up`, worker k+1 starts once worker k's first request has its first token, so the
+    run reaches `concurrency` in flight without the first `concurrency` prompts all arriving in
+    the same instant (a burst no steady load produces); otherwise all start at once."""
     next_index = iter(range(len(items)))
     traces: list[Trace] = []
     failures = 0
     limits = httpx.Limits(max_connections=concurrency + 4)
 
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+        started = [asyncio.Event() for _ in range(concurrency + 1)]
+        started[0].set()
 
-        async def worker() -> None:
+        async def worker(k: int) -> None:
             nonlocal failures
+            if ramp_up:
+                await started[k].wait()
+            first_token: asyncio.Event | None = started[k + 1]
             for i in next_index:
                 try:
-                    traces.append(await stream_one(client, url, f"{tag}-{i}", items[i]))
+                    trace = await stream_one(client, url, f"{tag}-{i}", items[i], first_token)
+                    traces.append(trace)
                 except (BenchError, httpx.HTTPError) as exc:
                     failures += 1
                     print(f"  request failed: {exc}", file=sys.stderr)
+                finally:
+                    if first_token is not None:
+                        first_token.set()  # a failed first request must not hold the others
+                        first_token = None
+            if first_token is not None:
+                first_token.set()  # no request was left for this worker
 
         start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
         wall = time.perf_counter() - start
     return Run(f"flowserve-server@{concurrency}", traces, wall, failures=failures)
 
@@ -149,6 +175,7 @@ def run_server(
     log: Path,
     *,
     reuse: bool = False,
+    ramp_up: bool = False,
     on_run: Callable[[Run], None] = lambda run: None,
 ) -> list[Run]:
     """One run per concurrency level. By default each level gets a fresh server, so that each
@@ -163,7 +190,8 @@ def run_server(
                 url = stack.enter_context(flowserve_server(model, options, log))
                 asyncio.run(closed_loop(url, [warmup_prompt(items)], 1, "warmup"))
             before = server_prefix_counts(url)
-            run = asyncio.run(closed_loop(url, items, concurrency, f"c{concurrency}"))
+            tag = f"c{concurrency}"
+            run = asyncio.run(closed_loop(url, items, concurrency, tag, ramp_up=ramp_up))
             run.prefix_hit_rate = hit_rate(before, server_prefix_counts(url))
             runs.append(run)
             on_run(run)

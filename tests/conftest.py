@@ -10,6 +10,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+# Triton reads TRITON_INTERPRET when it is first imported, and transformers imports it early:
+# on a machine without an NVIDIA GPU, FlowServe's kernel tests run under Triton's interpreter.
+if not Path("/dev/nvidiactl").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 POSTGRES_ADMIN_URL = os.environ.get(
     "DEEPFLOW_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from controlplane import __version__, wire
 from controlplane.api.errors import parse_body
-from controlplane.db import store
+from controlplane.db import scaling_store, store
 from controlplane.db import tables as t
 from controlplane.db.recorder import Recorder
 from controlplane.db.session import Database
@@ -27,6 +27,9 @@ from controlplane.states import NodeState
 PREFIX = "/api/v1"
 MAX_LIST = 1000
 M = TypeVar("M", bound=BaseModel)
+# Where training reports go: the fine-tune executor's `apply_report` and `heartbeat`.
+OnTrainingReport = Callable[[wire.TrainingReport], Awaitable[None]]
+OnTrainingHeartbeat = Callable[[str, list[wire.TrainingReport]], Awaitable[None]]
 
 
 def ok(payload: BaseModel | list[Any], status: int = 200) -> JSONResponse:
@@ -52,12 +55,16 @@ class ManageRoutes:
         recorder: Recorder,
         reconciler: Reconciler,
         clock: Callable[[], float],
+        on_training_report: OnTrainingReport | None = None,
+        on_training_heartbeat: OnTrainingHeartbeat | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.recorder = recorder
         self.reconciler = reconciler
         self.clock = clock
+        self.on_training_report = on_training_report
+        self.on_training_heartbeat = on_training_heartbeat
 
     def routes(self) -> list[Route]:
         p = PREFIX
@@ -72,6 +79,7 @@ class ManageRoutes:
             Route(f"{p}/deployments/{{name}}", self.get_deployment, methods=["GET"]),
             Route(f"{p}/deployments/{{name}}", self.update_deployment, methods=["PATCH"]),
             Route(f"{p}/deployments/{{name}}", self.delete_deployment, methods=["DELETE"]),
+            Route(f"{p}/deployments/{{name}}/scaling", self.scaling_events, methods=["GET"]),
             Route(f"{p}/nodes", self.list_nodes, methods=["GET"]),
             Route(f"{p}/nodes/register", self.register_node, methods=["POST"]),
             Route(f"{p}/nodes/{{id}}", self.get_node, methods=["GET"]),
@@ -85,6 +93,7 @@ class ManageRoutes:
             Route(f"{p}/jobs/{{id}}", self.get_job, methods=["GET"]),
             Route(f"{p}/tasks", self.list_tasks, methods=["GET"]),
             Route(f"{p}/tasks/{{id}}", self.get_task, methods=["GET"]),
+            Route(f"{p}/tasks/{{id}}/report", self.training_report, methods=["POST"]),
         ]
 
     async def _body(self, request: Request, model: type[M]) -> M:
@@ -161,7 +170,17 @@ class ManageRoutes:
 
         info = await self.db.run(write)
         self.reconciler.kick()
+        self.reconciler.autoscaler.request_preload(spec.name, "deployment created")
         return ok(info, 201)
+
+    async def scaling_events(self, request: Request) -> Response:
+        name, limit = request.path_params["name"], _limit(request)
+
+        def read(s: Session) -> list[wire.ScalingEventInfo]:
+            store.get_deployment(s, name)
+            return scaling_store.list_events(s, name, limit=limit)
+
+        return ok(await self.db.run(read))
 
     async def get_deployment(self, request: Request) -> Response:
         name = request.path_params["name"]
@@ -175,10 +194,7 @@ class ManageRoutes:
         now = self.clock()
 
         def write(s: Session) -> wire.DeploymentInfo:
-            row = store.get_deployment(s, name)
-            if spec.replicas is not None:
-                row.replicas = spec.replicas
-            row.updated_at = now
+            row = store.update_deployment(s, name, spec, now)
             s.flush()
             return store.deployment_info(s, row)
 
@@ -244,6 +260,17 @@ class ManageRoutes:
     async def node_heartbeat(self, request: Request) -> Response:
         beat = await self._body(request, wire.NodeHeartbeat)
         await self.reconciler.heartbeat(request.path_params["id"], beat)
+        if self.on_training_heartbeat is not None:
+            await self.on_training_heartbeat(request.path_params["id"], beat.training)
+        return JSONResponse({"ok": True})
+
+    async def training_report(self, request: Request) -> Response:
+        report = await self._body(request, wire.TrainingReport)
+        if report.task_id != request.path_params["id"]:
+            raise InvalidRequest("task_id does not match the path", param="task_id")
+        if self.on_training_report is None:
+            raise InvalidRequest("this control plane runs no training tasks")
+        await self.on_training_report(report)
         return JSONResponse({"ok": True})
 
     async def instance_report(self, request: Request) -> Response:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -13,6 +13,8 @@ from starlette.routing import Route
 
 from controlplane import wire
 from controlplane.api.errors import parse_body
+from controlplane.db import fine_tune_store
+from controlplane.db.session import Database
 from controlplane.errors import DeepFlowError, InvalidRequest, NotFound, UpstreamFailed
 from controlplane.jobs.chat import ChatExecutor, ChatRun, ChatSpec, new_id
 from controlplane.states import RequestKind
@@ -102,9 +104,12 @@ def sse(payload: wire.Open | dict[str, Any]) -> str:
 
 
 class OpenAIRoutes:
-    def __init__(self, executor: ChatExecutor, max_body_bytes: int) -> None:
+    def __init__(
+        self, executor: ChatExecutor, max_body_bytes: int, db: Database | None = None
+    ) -> None:
         self.executor = executor
         self.max_body_bytes = max_body_bytes
+        self.db = db  # for the fine-tuned models, which are listed besides the deployments
 
     def routes(self) -> list[Route]:
         return [
@@ -116,13 +121,24 @@ class OpenAIRoutes:
 
     async def list_models(self, _request: Request) -> Response:
         cards = [self._card(name) for name in self.executor.registry.deployment_names()]
+        cards += await self._fine_tuned()
         return JSONResponse(wire.ModelList(data=cards).model_dump())
 
     async def get_model(self, request: Request) -> Response:
         name = request.path_params["name"]
-        if not self.executor.registry.has_deployment(name):
-            raise_unknown_model(name)
-        return JSONResponse(self._card(name).model_dump())
+        if self.executor.registry.has_deployment(name):
+            return JSONResponse(self._card(name).model_dump())
+        for card in await self._fine_tuned():
+            if card.id == name:
+                return JSONResponse(card.model_dump())
+        raise_unknown_model(name)
+
+    async def _fine_tuned(self) -> list[wire.ModelCard]:
+        """Fine-tuned models (`ft:...`): registered models, served once deployed."""
+        if self.db is None:
+            return []
+        rows = await self.db.run(fine_tune_store.fine_tuned_models)
+        return [wire.ModelCard(id=r.name, created=int(r.created_at)) for r in rows]
 
     def _card(self, name: str) -> wire.ModelCard:
         return wire.ModelCard(id=name, created=0)
@@ -153,7 +169,7 @@ class OpenAIRoutes:
         return JSONResponse(reply.model_dump(), headers={"X-Request-Id": run.id})
 
 
-def raise_unknown_model(name: str) -> None:
+def raise_unknown_model(name: str) -> NoReturn:
     raise NotFound(f"The model `{name}` does not exist.", param="model", code="model_not_found")
 
 

@@ -10,9 +10,12 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from controlplane import wire
+from controlplane.db import instance_startup, scaling_store
 from controlplane.db import tables as t
 from controlplane.errors import Conflict, NotFound
+from controlplane.reconcile import scaling_spec
 from controlplane.states import (
+    FineTuneState,
     InstanceState,
     JobState,
     NodeState,
@@ -21,7 +24,7 @@ from controlplane.states import (
     check_transition,
 )
 
-EntityKind = str  # "request" | "job" | "task" | "instance" | "node"
+EntityKind = str  # "request" | "job" | "task" | "instance" | "node" | "fine_tune"
 
 # Tables that carry a state column, by the entity kind their events name.
 _TABLES: dict[EntityKind, Any] = {
@@ -30,6 +33,7 @@ _TABLES: dict[EntityKind, Any] = {
     "task": t.Task,
     "instance": t.Instance,
     "node": t.Node,
+    "fine_tune": t.FineTune,
 }
 _ENUMS: dict[EntityKind, type] = {
     "request": RequestState,
@@ -37,6 +41,7 @@ _ENUMS: dict[EntityKind, type] = {
     "task": TaskState,
     "instance": InstanceState,
     "node": NodeState,
+    "fine_tune": FineTuneState,
 }
 
 
@@ -169,6 +174,7 @@ def instance_info(row: t.Instance) -> wire.InstanceInfo:
         reason=row.reason,
         created_at=row.created_at,
         updated_at=row.updated_at,
+        **instance_startup.startup_info(row),
     )
 
 
@@ -181,6 +187,7 @@ def deployment_info(session: Session, row: t.Deployment) -> wire.DeploymentInfo:
         ready_replicas=sum(1 for i in live if i.state == InstanceState.READY),
         created_at=row.created_at,
         instances=live,
+        autoscaling=scaling_store.autoscaling_info(row),
     )
 
 
@@ -188,14 +195,16 @@ def add_deployment(session: Session, spec: wire.DeploymentCreate, now: float) ->
     get_model(session, spec.model)
     if session.get(t.Deployment, spec.name) is not None:
         raise Conflict(f"deployment {spec.name!r} already exists", code="deployment_exists")
+    scaling = scaling_spec.for_create(spec)
     row = t.Deployment(
         name=spec.name,
         model=spec.model,
-        replicas=spec.replicas,
+        replicas=scaling.replicas,
         config={},
         created_at=now,
         updated_at=now,
     )
+    scaling_store.apply_spec(row, scaling)
     session.add(row)
     return row
 
@@ -204,6 +213,24 @@ def get_deployment(session: Session, name: str) -> t.Deployment:
     row = session.get(t.Deployment, name)
     if row is None:
         raise NotFound(f"deployment {name!r} not found", code="model_not_found")
+    return row
+
+
+def update_deployment(
+    session: Session, name: str, body: wire.DeploymentUpdate, now: float
+) -> t.Deployment:
+    """`PATCH`: replicas and autoscaling settings; a change is a manual scaling event."""
+    row = get_deployment(session, name)
+    before = scaling_store.scaling_spec(row)
+    after = scaling_spec.for_update(name, before, body)
+    if after != before:
+        scaling_store.apply_spec(row, after)
+        row.updated_at = now
+        inputs = body.model_dump(exclude_none=True)
+        reason = "updated by hand" if after.replicas == before.replicas else "scaled by hand"
+        scaling_store.record(
+            session, name, "manual", before.replicas, after.replicas, reason, inputs, now
+        )
     return row
 
 
@@ -427,3 +454,4 @@ def fail_orphans(session: Session, now: float, reason: str) -> int:
 
 def delete_deployment_row(session: Session, name: str) -> None:
     session.execute(delete(t.Deployment).where(t.Deployment.name == name))
+    session.execute(delete(t.ScalingEvent).where(t.ScalingEvent.deployment == name))

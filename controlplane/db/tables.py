@@ -8,7 +8,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -24,10 +35,14 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+# Model names hold fine-tuned ones, `ft:<base>:<suffix>:<job id>`, longer than other names.
+MODEL_NAME = String(256)
+
+
 class Model(Base):
     __tablename__ = "models"
 
-    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(MODEL_NAME, primary_key=True)
     path: Mapped[str] = mapped_column(Text)
     source: Mapped[str] = mapped_column(String(128))
     architecture: Mapped[str | None] = mapped_column(String(128))
@@ -40,11 +55,35 @@ class Deployment(Base):
     __tablename__ = "deployments"
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    model: Mapped[str] = mapped_column(ForeignKey("models.name"))
-    replicas: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(MODEL_NAME, ForeignKey("models.name"))
+    replicas: Mapped[int] = mapped_column(Integer)  # desired; the autoscaler's when it is on
     config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Autoscaling is on when max_replicas is set (docs/scaling.md, "Autoscaling").
+    min_replicas: Mapped[int | None] = mapped_column(Integer)
+    max_replicas: Mapped[int | None] = mapped_column(Integer)
+    target_concurrency: Mapped[float | None] = mapped_column(Float)
+    upscale_delay_s: Mapped[float | None] = mapped_column(Float)
+    downscale_delay_s: Mapped[float | None] = mapped_column(Float)
+    scale_to_zero_after_s: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+class ScalingEvent(Base):
+    """A change of a deployment's replicas (by the autoscaler or by hand) or a model preload,
+    with the inputs it was decided on."""
+
+    __tablename__ = "scaling_events"
+    __table_args__ = (Index("ix_scaling_events_deployment_at", "deployment", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    deployment: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))  # autoscale | manual | preload
+    from_replicas: Mapped[int] = mapped_column(Integer)
+    to_replicas: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    inputs: Mapped[dict[str, Any]] = mapped_column(JSON)
+    at: Mapped[float] = mapped_column(Float)
 
 
 class Node(Base):
@@ -66,7 +105,7 @@ class Instance(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     deployment: Mapped[str] = mapped_column(String(64))
-    model: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(MODEL_NAME)
     node_id: Mapped[str | None] = mapped_column(String(64))
     role: Mapped[str] = mapped_column(String(32))
     state: Mapped[str] = mapped_column(String(32))
@@ -75,6 +114,11 @@ class Instance(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+    # How it started (db/instance_startup.py): fork | warm_pod | cold, the node's stages, and
+    # the time from ready on the node to routed to, measured by the control plane.
+    launch_path: Mapped[str | None] = mapped_column(String(16))
+    startup: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    registration_s: Mapped[float | None] = mapped_column(Float)
 
 
 class Request(Base):
@@ -120,7 +164,7 @@ class Task(Base):
 
 
 class Event(Base):
-    """One state change of any record: requests, jobs, tasks, instances and nodes."""
+    """One state change of any record: requests, jobs, tasks, instances, nodes, fine-tunes."""
 
     __tablename__ = "events"
     __table_args__ = (Index("ix_events_entity", "entity_kind", "entity_id"),)
@@ -132,3 +176,75 @@ class Event(Base):
     to_state: Mapped[str] = mapped_column(String(32))
     reason: Mapped[str] = mapped_column(Text)
     at: Mapped[float] = mapped_column(Float)
+
+
+class File(Base):
+    """An uploaded file (OpenAI's files API); its bytes live at `path`."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    filename: Mapped[str] = mapped_column(Text)
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    path: Mapped[str] = mapped_column(Text)
+    num_examples: Mapped[int | None] = mapped_column(Integer)  # fine-tune files only
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class FineTune(Base):
+    """An OpenAI fine-tuning job; `request_id` is the fine_tune request whose four jobs run it."""
+
+    __tablename__ = "fine_tunes"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("requests.id"))
+    state: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str] = mapped_column(MODEL_NAME)  # the base: a registered model
+    training_file: Mapped[str] = mapped_column(String(64))
+    validation_file: Mapped[str | None] = mapped_column(String(64))
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)  # resolved, no "auto"
+    lora: Mapped[dict[str, Any]] = mapped_column(JSON)
+    suffix: Mapped[str | None] = mapped_column(String(64))
+    seed: Mapped[int] = mapped_column(Integer)
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    output_dir: Mapped[str] = mapped_column(Text)
+    restarts: Mapped[int] = mapped_column(Integer, default=0)
+    last_step: Mapped[int] = mapped_column(Integer, default=0)  # last progress step recorded
+    last_checkpoint: Mapped[str | None] = mapped_column(Text)  # folder a restart resumes from
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    train_loss: Mapped[float | None] = mapped_column(Float)
+    valid_loss: Mapped[float | None] = mapped_column(Float)
+    merged_path: Mapped[str | None] = mapped_column(Text)
+    fine_tuned_model: Mapped[str | None] = mapped_column(MODEL_NAME)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+    updated_at: Mapped[float] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+
+
+class FineTuneEvent(Base):
+    """A fine-tuning job's OpenAI event: a message, or a `metrics` event with loss and step."""
+
+    __tablename__ = "fine_tune_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    fine_tune_id: Mapped[str] = mapped_column(ForeignKey("fine_tunes.id"), index=True)
+    level: Mapped[str] = mapped_column(String(8))
+    type: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class FineTuneCheckpoint(Base):
+    __tablename__ = "fine_tune_checkpoints"
+    __table_args__ = (UniqueConstraint("fine_tune_id", "step"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    fine_tune_id: Mapped[str] = mapped_column(ForeignKey("fine_tunes.id"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    metrics: Mapped[dict[str, float]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)

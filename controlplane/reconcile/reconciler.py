@@ -7,20 +7,23 @@ the state change and wakes the loop so that routing sees a ready instance at onc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from controlplane import wire
-from controlplane.db import store
+from controlplane.db import instance_startup, scaling_store, store
 from controlplane.db import tables as t
 from controlplane.db.session import Database
 from controlplane.errors import NotFound
+from controlplane.reconcile.autoscale import AutoscaleConfig
+from controlplane.reconcile.autoscaler import Autoscaler
 from controlplane.reconcile.planner import (
     Action,
     DeploymentView,
@@ -54,6 +57,7 @@ class Snapshot:
     node_urls: dict[str, str]
     model_paths: dict[str, str]
     instance_urls: dict[str, str]
+    autoscaled: dict[str, AutoscaleConfig] = field(default_factory=dict)
 
 
 class Reconciler:
@@ -77,6 +81,10 @@ class Reconciler:
         self._task: asyncio.Task[None] | None = None
         self._orphans: set[tuple[str, str]] = set()  # (node url, instance id) to stop
         self._lock = asyncio.Lock()
+        self.autoscaler = Autoscaler(db=db, registry=registry, http=http, clock=clock)
+        # The activator: a request waiting for an instance wakes the loop, so a deployment at
+        # zero scales up at once rather than at the next interval.
+        registry.on_waiting = lambda _deployment: self.kick()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="reconciler")
@@ -88,6 +96,7 @@ class Reconciler:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        await self.autoscaler.close()
 
     def kick(self) -> None:
         self._wakeup.set()
@@ -108,6 +117,7 @@ class Reconciler:
         async with self._lock:
             snap = await self.db.run(self._snapshot)
             await self._refresh_registry(snap)
+            snap = await self._autoscale(snap)
             actions = plan(
                 snap.deployments,
                 snap.instances,
@@ -121,6 +131,17 @@ class Reconciler:
             if actions:
                 await self._refresh_registry(await self.db.run(self._snapshot))
             return actions
+
+    async def _autoscale(self, snap: Snapshot) -> Snapshot:
+        replicas = {d.name: d.replicas for d in snap.deployments}
+        changed = await self.autoscaler.step(snap.autoscaled, replicas)
+        if not changed:
+            return snap
+        deployments = [
+            dataclasses.replace(d, replicas=changed.get(d.name, d.replicas))
+            for d in snap.deployments
+        ]
+        return dataclasses.replace(snap, deployments=deployments)
 
     def _snapshot(self, session: Session) -> Snapshot:
         deployments = store.list_deployments(session)
@@ -148,6 +169,11 @@ class Reconciler:
             node_urls={n.id: n.url for n in nodes},
             model_paths={m.name: m.path for m in models},
             instance_urls={r.id: r.url for r in rows if r.url},
+            autoscaled={
+                d.name: config
+                for d in deployments
+                if (config := scaling_store.autoscale_config(d)) is not None
+            },
         )
 
     async def _refresh_registry(self, snap: Snapshot) -> None:
@@ -164,7 +190,10 @@ class Reconciler:
             if i.state in (InstanceState.READY, InstanceState.DRAINING)
             and i.id in snap.instance_urls
         ]
-        await self.registry.set_ready(ready)
+        routed = await self.registry.set_ready(ready)
+        if routed:  # registration, the fifth stage of a scale-up, ends now
+            now = self.clock()
+            await self.db.run(lambda s: instance_startup.record_registration(s, routed, now))
 
     # -- acting -------------------------------------------------------------------------------
 
@@ -254,6 +283,7 @@ class Reconciler:
             if row is None:
                 return "unknown"
             current = InstanceState(row.state)
+            instance_startup.record_launch(row, report)
             fields: dict[str, object] = {}
             if report.url:
                 fields["url"] = report.url

@@ -15,12 +15,16 @@ Import the models from here (`from controlplane import wire`).
 from __future__ import annotations
 
 from controlplane.wire.agent import (
+    CachedModel,
     InstanceReport,
     InstanceReportState,
     InstanceStart,
     NodeHeartbeat,
+    NodePreloads,
     NodeRegister,
     NodeRegistered,
+    PreloadReport,
+    PreloadStart,
 )
 from controlplane.wire.base import (
     Open,
@@ -50,10 +54,12 @@ from controlplane.wire.instance import (
     GenerateEvent,
     GenerateRequest,
     InstanceHealth,
+    InstanceStartup,
     SamplingSpec,
 )
 from controlplane.wire.manage import (
     NAME_PATTERN,
+    AutoscalingInfo,
     DeploymentCreate,
     DeploymentInfo,
     DeploymentUpdate,
@@ -67,6 +73,7 @@ from controlplane.wire.manage import (
     NodeResources,
     PlatformStatus,
     RequestInfo,
+    ScalingEventInfo,
     TaskInfo,
 )
 from controlplane.wire.openai import (
@@ -111,6 +118,10 @@ from controlplane.wire.training import (
 )
 
 __all__ = [
+    "CachedModel",
+    "NodePreloads",
+    "PreloadReport",
+    "PreloadStart",
     "InstanceReport",
     "InstanceReportState",
     "InstanceStart",
@@ -140,7 +151,9 @@ __all__ = [
     "GenerateEvent",
     "GenerateRequest",
     "InstanceHealth",
+    "InstanceStartup",
     "SamplingSpec",
+    "AutoscalingInfo",
     "DeploymentCreate",
     "DeploymentInfo",
     "DeploymentUpdate",
@@ -155,6 +168,7 @@ __all__ = [
     "NodeResources",
     "PlatformStatus",
     "RequestInfo",
+    "ScalingEventInfo",
     "TaskInfo",
     "AssistantMessage",
     "ChatChoice",

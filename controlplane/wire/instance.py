@@ -86,6 +86,19 @@ class GenerateError(Open):
 GenerateEvent = Annotated[GenerateDelta | GenerateDone | GenerateError, Field(discriminator="type")]
 
 
+class InstanceStartup(Open):
+    """How the instance started (docs/scaling.md): the launch path and the seconds each stage of
+    a scale-up took, consecutive from the launch request to ready (registration is timed by the
+    control plane)."""
+
+    path: Literal["cold", "warm_pod", "fork", "ipc"]
+    pod_ready_s: float  # until a process for the instance existed
+    runtime_preload_s: float  # imports and device init
+    weight_load_s: float  # the model (tokenizer, config, weights) loaded
+    post_load_s: float  # KV cache allocated, engine thread started: ready to serve
+    weights_source: Literal["disk", "dram_cache", "zygote", "cuda_ipc", "device_copy"] | None = None
+
+
 class InstanceHealth(Open):
     status: Literal["ok", "loading"]
     instance_id: str | None = None
@@ -93,3 +106,4 @@ class InstanceHealth(Open):
     max_model_len: int
     num_requests_running: int = 0
     num_requests_waiting: int = 0
+    startup: InstanceStartup | None = None

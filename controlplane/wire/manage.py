@@ -7,16 +7,20 @@ from typing import Any, Literal
 from pydantic import Field
 
 from controlplane.wire.base import Open, Strict
+from controlplane.wire.instance import InstanceStartup
 
 # ---------------------------------------------------------------------------------------------
 # Management API (/api/v1)
 # ---------------------------------------------------------------------------------------------
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$"
+# Model names also take fine-tuned ones, `ft:<base>:<suffix>:<job id>` (the suffix may be empty
+# and may hold capitals).
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._:-]{0,254}[A-Za-z0-9])?$"
 
 
 class ModelCreate(Strict):
-    name: str = Field(pattern=NAME_PATTERN)
+    name: str = Field(pattern=MODEL_NAME_PATTERN)
     path: str = Field(min_length=1)
     source: str = "import"
 
@@ -31,14 +35,50 @@ class ModelInfo(Open):
     created_at: float
 
 
-class DeploymentCreate(Strict):
+class AutoscalingFields(Strict):
+    """Autoscaling is on when max_replicas is set (docs/scaling.md, "Autoscaling"); None keeps
+    the current value or the default."""
+
+    min_replicas: int | None = Field(default=None, ge=0, le=256)
+    max_replicas: int | None = Field(default=None, ge=1, le=256)
+    target_concurrency: float | None = Field(default=None, gt=0)  # running + waiting per replica
+    upscale_delay_s: float | None = Field(default=None, ge=0)
+    downscale_delay_s: float | None = Field(default=None, ge=0)
+    scale_to_zero_after_s: float | None = Field(default=None, ge=0)  # keep-alive of the last one
+
+
+class DeploymentCreate(AutoscalingFields):
     name: str = Field(pattern=NAME_PATTERN)
-    model: str = Field(min_length=1)
-    replicas: int = Field(default=1, ge=0, le=256)
-
-
-class DeploymentUpdate(Strict):
+    model: str = Field(pattern=MODEL_NAME_PATTERN)
+    # Fixed deployments: the replicas (default 1); autoscaled ones: the starting count.
     replicas: int | None = Field(default=None, ge=0, le=256)
+
+
+class DeploymentUpdate(AutoscalingFields):
+    replicas: int | None = Field(default=None, ge=0, le=256)
+    autoscaling: bool | None = None  # false turns autoscaling off
+
+
+class AutoscalingInfo(Open):
+    min_replicas: int
+    max_replicas: int
+    target_concurrency: float
+    upscale_delay_s: float
+    downscale_delay_s: float
+    scale_to_zero_after_s: float
+
+
+class ScalingEventInfo(Open):
+    """A change of replicas (kind autoscale or manual) or a model preload, with its inputs."""
+
+    id: int
+    deployment: str
+    kind: str
+    from_replicas: int
+    to_replicas: int
+    reason: str
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    at: float
 
 
 class InstanceInfo(Open):
@@ -53,6 +93,12 @@ class InstanceInfo(Open):
     reason: str | None = None
     created_at: float
     updated_at: float
+    # How it started (docs/scaling.md): the launch path, why faster ones were passed over, the
+    # node's four stages, and registration (ready on the node -> routed to), timed here.
+    launch_path: str | None = None
+    fallbacks: list[str] = Field(default_factory=list)
+    startup: InstanceStartup | None = None
+    registration_s: float | None = None
 
 
 class DeploymentInfo(Open):
@@ -62,6 +108,7 @@ class DeploymentInfo(Open):
     ready_replicas: int
     created_at: float
     instances: list[InstanceInfo] = Field(default_factory=list)
+    autoscaling: AutoscalingInfo | None = None  # None: fixed replicas
 
 
 class NodeResources(Open):

@@ -68,6 +68,9 @@ class TrainingReport(Open):
 
     task_id: str
     state: TrainingState
+    pid: int | None = None  # the trainer process on the node
+    # what runs it: a warm pod taken from the node's pool (no imports to wait for), or a new process
+    executor: Literal["warm_pod", "process"] | None = None
     progress: TrainingProgress | None = None
     checkpoint: TrainingCheckpoint | None = None
     result: TrainingResult | None = None

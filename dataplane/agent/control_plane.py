@@ -9,10 +9,18 @@ import logging
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from controlplane.wire import InstanceReport, NodeHeartbeat, NodeRegister, NodeRegistered
+from controlplane.wire import (
+    InstanceReport,
+    NodeHeartbeat,
+    NodeRegister,
+    NodeRegistered,
+    TrainingReport,
+)
 from dataplane.agent.errors import ControlPlaneError, NodeForgotten
 
 log = logging.getLogger(__name__)
+
+Report = InstanceReport | TrainingReport
 
 
 class ControlPlaneClient:
@@ -48,6 +56,9 @@ class ControlPlaneClient:
     async def report(self, report: InstanceReport) -> None:
         await self._post(f"/api/v1/instances/{report.instance_id}/report", report)
 
+    async def report_training(self, report: TrainingReport) -> None:
+        await self._post(f"/api/v1/tasks/{report.task_id}/report", report)
+
     async def aclose(self) -> None:
         await self._http.aclose()
 
@@ -68,22 +79,29 @@ class _NotFound(ControlPlaneError):
 
 
 class Reporter:
-    """Pushes instance reports in order, best-effort: a lost report rides the next heartbeat."""
+    """Pushes instance and training reports in order, best-effort: a lost report rides the next
+    heartbeat, which carries every instance's and every training task's current report."""
 
     def __init__(self, client: ControlPlaneClient) -> None:
         self._client = client
-        self._queue: asyncio.Queue[InstanceReport] = asyncio.Queue()
+        self._queue: asyncio.Queue[Report] = asyncio.Queue()
 
-    def push(self, report: InstanceReport) -> None:
+    def push(self, report: Report) -> None:
         self._queue.put_nowait(report)
 
     async def run(self) -> None:
         while True:
             report = await self._queue.get()
             try:
-                await self._client.report(report)
+                if isinstance(report, TrainingReport):
+                    await self._client.report_training(report)
+                else:
+                    await self._client.report(report)
             except ControlPlaneError as exc:
-                log.warning("report %s %s not delivered: %s", report.instance_id, report.state, exc)
+                entity_id = (
+                    report.task_id if isinstance(report, TrainingReport) else report.instance_id
+                )
+                log.warning("report %s %s not delivered: %s", entity_id, report.state, exc)
             finally:
                 self._queue.task_done()
 

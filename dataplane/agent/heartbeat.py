@@ -13,6 +13,7 @@ from controlplane.wire import (
     NodeRegister,
     NodeRegistered,
     NodeResources,
+    TrainingReport,
 )
 from dataplane.agent.control_plane import ControlPlaneClient
 from dataplane.agent.errors import ControlPlaneError, NodeForgotten
@@ -36,12 +37,14 @@ class NodeLink:
         registration: NodeRegister,
         instances: Callable[[], list[InstanceReport]],
         *,
+        training: Callable[[], list[TrainingReport]] | None = None,
         backoff_s: float = 0.5,
         backoff_max_s: float = 10.0,
     ) -> None:
         self._client = client
         self._registration = registration
         self._instances = instances
+        self._training = training
         self._backoff_s = backoff_s
         self._backoff_max_s = backoff_max_s
         self.node_id: str | None = None
@@ -81,7 +84,11 @@ class NodeLink:
         interval = max(registered.heartbeat_interval_s, MIN_INTERVAL_S)
         while True:
             began = time.monotonic()
-            body = NodeHeartbeat(resources=self.resources, instances=self._instances())
+            body = NodeHeartbeat(
+                resources=self.resources,
+                instances=self._instances(),
+                training=self._training() if self._training is not None else [],
+            )
             try:
                 await self._client.heartbeat(registered.node_id, body)
             except NodeForgotten:

@@ -1,8 +1,11 @@
 """Starts, watches and stops the FlowServe instances of this node.
 
-Each instance has one watcher task. On every tick it observes the process (exited? healthy?),
-asks `states.judge` what that means, and applies the verdict through `_move`, the one place a
-state changes; every change is handed to `on_change` (the reporter pushes it to the control plane).
+Instances start through a launcher (`launchers.py`: fork, warm pod or cold on a node; a given
+command line in tests); whichever path started one, its handle polls, signals and stops it the
+same way. Each instance has one watcher task. On every tick it observes the process (exited?
+healthy?), asks `states.judge` what that means, and applies the verdict through `_move`, the one
+place a state changes; every change is handed to `on_change` (the reporter pushes it to the
+control plane).
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from pathlib import Path
 import httpx
 from pydantic import ValidationError
 
-from controlplane.wire import InstanceHealth, InstanceReport, InstanceStart
+from controlplane.wire import InstanceHealth, InstanceReport, InstanceStart, InstanceStartup
 from dataplane.agent import process
 from dataplane.agent.errors import (
     InstanceConflict,
@@ -27,8 +29,11 @@ from dataplane.agent.errors import (
     SpawnFailed,
     UnknownInstance,
 )
-from dataplane.agent.launch import CommandFor, check_start
+from dataplane.agent.launch import CommandFor, check_start, flowserve_command
+from dataplane.agent.launchers import CommandLauncher, InstanceLauncher
 from dataplane.agent.states import InstanceState, Observation, check_transition, judge
+from dataplane.scaleout.errors import ScaleOutError
+from dataplane.scaleout.handles import InstanceHandle
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +47,13 @@ class ManagedInstance:
     port: int
     url: str
     log_path: Path
-    proc: subprocess.Popen[bytes]
+    handle: InstanceHandle
     deadline: float
     state: InstanceState = InstanceState.STARTING
     exit_code: int | None = None
     reason: str | None = None
+    startup: InstanceStartup | None = None  # from its /health once ready
+    ready_at: float | None = None  # wall clock: when it was ready to serve
     watcher: asyncio.Task[None] | None = None
     stopper: asyncio.Task[InstanceReport] | None = None
 
@@ -55,10 +62,29 @@ class ManagedInstance:
             instance_id=self.start.instance_id,
             state=self.state.value,
             url=self.url if self.state is InstanceState.READY else None,
-            pid=self.proc.pid,
+            pid=self.handle.pid,
             exit_code=self.exit_code,
             reason=self.reason,
+            launch_path=self.handle.path,
+            fallbacks=list(self.handle.fallbacks),
+            startup=self.startup,
+            ready_at=self.ready_at,
         )
+
+    def mark_ready(self, startup: InstanceStartup | None, now: float) -> None:
+        """Its stages sum to the time from the launch request to its own ready mark; without
+        them (an instance that does not report them) it was ready when the agent saw it."""
+        self.startup = startup
+        if startup is None:
+            self.ready_at = now
+            return
+        stages = (
+            startup.pod_ready_s,
+            startup.runtime_preload_s,
+            startup.weight_load_s,
+            startup.post_load_s,
+        )
+        self.ready_at = min(now, self.handle.requested_at + sum(stages))
 
 
 class Supervisor:
@@ -66,19 +92,31 @@ class Supervisor:
         self,
         *,
         log_dir: Path,
-        command_for: CommandFor,
         on_change: OnChange,
+        command_for: CommandFor | None = None,
+        launcher: InstanceLauncher | None = None,
         start_timeout_s: float = 300.0,
         stop_grace_s: float = 10.0,
         poll_interval_s: float = 0.5,
+        ready_poll_interval_s: float | None = None,
         instance_host: str = "127.0.0.1",
     ) -> None:
+        """`launcher`: how instances start (None: `command_for`'s command line, by default
+        `python -m dataplane.flowserve`, cold). `ready_poll_interval_s`: health polling while
+        an instance starts (None: `poll_interval_s`); a forked one is ready in ~0.1 s."""
+        if launcher is None:
+
+            def default_command(start: InstanceStart, port: int) -> list[str]:
+                return flowserve_command(start, port, instance_host)
+
+            launcher = CommandLauncher(log_dir, command_for or default_command, instance_host)
         self._log_dir = log_dir
-        self._command_for = command_for
+        self._launcher = launcher
         self._on_change = on_change
         self._start_timeout_s = start_timeout_s
         self._stop_grace_s = stop_grace_s
         self._poll_interval_s = poll_interval_s
+        self._ready_poll_interval_s = min(ready_poll_interval_s or poll_interval_s, poll_interval_s)
         self._host = instance_host
         self._instances: dict[str, ManagedInstance] = {}
         self._health = httpx.AsyncClient(timeout=min(HEALTH_TIMEOUT_S, 4 * poll_interval_s))
@@ -95,10 +133,12 @@ class Supervisor:
     # -- commands ------------------------------------------------------------------------------
 
     def start(self, start: InstanceStart) -> InstanceReport:
-        """Spawn the instance and begin watching it; returns its report (state `starting`).
+        """Launch the instance and begin watching it; returns its report (state `starting`).
 
         Starting an id that exists with the same spec returns its current report, so a control
-        plane that retries a start does not get two processes.
+        plane that retries a start does not get two processes. The launch runs on the caller's
+        thread: a fork or a warm pod's hand-over is a message and its reply (milliseconds), a
+        cold start a spawn.
         """
         if self._closing:
             raise ShuttingDown()
@@ -112,19 +152,21 @@ class Supervisor:
         log_path = self._log_dir / f"{start.instance_id}.log"
         try:
             port = process.free_port(self._host, avoid=used)
-            proc = process.spawn(self._command_for(start, port), log_path)
-        except OSError as exc:
+            handle = self._launcher.launch(start, port)
+        except (OSError, ScaleOutError) as exc:
             raise SpawnFailed(start.instance_id, exc) from exc
         inst = ManagedInstance(
             start=start,
             port=port,
             url=f"http://{self._host}:{port}",
             log_path=log_path,
-            proc=proc,
+            handle=handle,
             deadline=time.monotonic() + self._start_timeout_s,
         )
         self._instances[start.instance_id] = inst
-        log.info("instance %s: spawned pid %d on port %d", start.instance_id, proc.pid, port)
+        log.info(
+            "instance %s: %s, pid %d on port %d", start.instance_id, handle.path, handle.pid, port
+        )
         self._on_change(inst.report())
         inst.watcher = asyncio.create_task(self._watch(inst), name=f"watch-{start.instance_id}")
         return inst.report()
@@ -179,21 +221,23 @@ class Supervisor:
             inst.watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await inst.watcher
-        code = await process.terminate(inst.proc, self._stop_grace_s)
+        code = await asyncio.to_thread(inst.handle.stop, self._stop_grace_s)
         if not inst.state.is_terminal:
             inst.exit_code = code
             self._move(inst, InstanceState.STOPPED, "stopped on request")
         self._instances.pop(inst.start.instance_id, None)
         return inst.report()
 
-    async def _healthy(self, inst: ManagedInstance) -> bool:
+    async def _health_of(self, inst: ManagedInstance) -> InstanceHealth | None:
+        """Its /health answer when it says "ok"; None otherwise."""
         try:
             response = await self._health.get(f"{inst.url}/health")
             if response.status_code != 200:
-                return False
-            return InstanceHealth.model_validate(response.json()).status == "ok"
+                return None
+            health = InstanceHealth.model_validate(response.json())
         except (httpx.HTTPError, ValueError, ValidationError):
-            return False
+            return None
+        return health if health.status == "ok" else None
 
     async def _watch(self, inst: ManagedInstance) -> None:
         try:
@@ -204,28 +248,32 @@ class Supervisor:
 
     async def _watch_until_terminal(self, inst: ManagedInstance) -> None:
         while not inst.state.is_terminal:
-            exit_code = inst.proc.poll()
-            healthy = False
+            exit_code = inst.handle.poll()
+            health = None
             if exit_code is None and inst.state is InstanceState.STARTING:
-                healthy = await self._healthy(inst)
+                health = await self._health_of(inst)
             verdict = judge(
                 Observation(
                     state=inst.state,
                     exit_code=exit_code,
-                    healthy=healthy,
+                    healthy=health is not None,
                     now=time.monotonic(),
                     deadline=inst.deadline,
                     start_timeout_s=self._start_timeout_s,
                 )
             )
             if verdict is None:
-                await asyncio.sleep(self._poll_interval_s)
+                starting = inst.state is InstanceState.STARTING
+                await asyncio.sleep(
+                    self._ready_poll_interval_s if starting else self._poll_interval_s
+                )
                 continue
             reason = verdict.reason
             if verdict.kill or exit_code is not None:
                 # Kill it, or whatever an exited leader left behind in its group.
-                process.kill_group(inst.proc)
-                exit_code = await process.reap(inst.proc)
+                exit_code = await asyncio.to_thread(inst.handle.kill)
+            if verdict.to_state is InstanceState.READY:
+                inst.mark_ready(health.startup if health is not None else None, time.time())
             if verdict.to_state is InstanceState.FAILED:
                 inst.exit_code = exit_code
                 tail = process.log_tail(inst.log_path)

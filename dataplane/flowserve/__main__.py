@@ -6,6 +6,8 @@ import argparse
 import logging
 import signal
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -16,6 +18,12 @@ from dataplane.flowserve.config import DTYPES, EngineConfig
 from dataplane.flowserve.engine import Engine
 from dataplane.flowserve.errors import FlowServeError
 from dataplane.flowserve.server import create_app
+from dataplane.flowserve.startup import (
+    LaunchPath,
+    StartupClock,
+    launched_at,
+    process_started_at,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,7 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--instance-id", default=None)
     parser.add_argument("--model-name", default=None, help="reported name (default: the folder's)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    parser.add_argument("--device", choices=["cpu", "cuda", "npu"], default=None)
+    parser.add_argument(
+        "--enforce-eager", action="store_true", help="no decode graphs (kernels stay the same)"
+    )
+    parser.add_argument(
+        "--memory-profile", default=None, help="a JSON file to keep the activation profile in"
+    )
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument(
@@ -45,6 +59,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--weights-from-cache",
+        default=None,
+        metavar="DIR",
+        help="a DRAM preload cache (docs/scaling.md): map the weights from it when it holds them",
+    )
+    parser.add_argument(
+        "--weights-from-instance",
+        default=None,
+        metavar="SOCKET",
+        help="a running instance's weight socket on this GPU: take the weights from it first",
+    )
+    parser.add_argument(
+        "--weights-import",
+        choices=["copy", "share"],
+        default="copy",
+        help="copy the peer's weights device-to-device, or open its memory in place (zero copy)",
+    )
+    parser.add_argument(
+        "--share-weights",
+        default=None,
+        metavar="SOCKET",
+        help="once loaded, export this instance's CUDA weights to new instances on this socket",
+    )
+    parser.add_argument(
         "--graceful-timeout",
         type=int,
         default=8,
@@ -58,28 +96,56 @@ def _after_graceful_shutdown(signum: int, frame: FrameType | None) -> None:
     """Uvicorn's own handlers replace this one while it serves."""
 
 
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """Raises FlowServeError for a bad combination."""
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        kv_cache_bytes=args.kv_cache_memory,
+        kv_cache_fraction=args.kv_cache_fraction,
+        seed=args.seed,
+        weights_cache=args.weights_from_cache,
+        weights_peer=args.weights_from_instance,
+        weights_peer_mode=args.weights_import,
+        enforce_eager=args.enforce_eager,
+        memory_profile=args.memory_profile,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    runtime_at = time.time()  # the module's imports are done
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
-        config = EngineConfig(
-            model=args.model,
-            dtype=args.dtype,
-            device=args.device,
-            max_model_len=args.max_model_len,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            block_size=args.block_size,
-            kv_cache_bytes=args.kv_cache_memory,
-            kv_cache_fraction=args.kv_cache_fraction,
-            seed=args.seed,
-        )
+        config = engine_config(args)
     except FlowServeError as exc:
         print(f"flowserve: {exc}", file=sys.stderr)
         return 2
+    pod_at = process_started_at()
+    path: LaunchPath = "ipc" if args.weights_from_instance else "cold"
+    startup = StartupClock(path, launched_at(pod_at), pod_at, runtime_at)
+    return serve(args, lambda: Engine(config), startup)
+
+
+def serve(
+    args: argparse.Namespace, load_engine: Callable[[], Engine], startup: StartupClock
+) -> int:
+    """Serve until SIGTERM/SIGINT; the cold start above, a warm pod and a forked child all end
+    here (dataplane.scaleout)."""
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     model_name = args.model_name or Path(args.model).resolve().name
-    app = create_app(lambda: Engine(config), model_name=model_name, instance_id=args.instance_id)
+    if args.share_weights:
+        from dataplane.scaleout.cuda_share import exporting
+
+        load_engine = exporting(load_engine, args.share_weights)
+    app = create_app(
+        load_engine, model_name=model_name, instance_id=args.instance_id, startup=startup
+    )
     server = uvicorn.Server(
         uvicorn.Config(
             app,

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dataplane.flowserve import cpu_kernels
+
 KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v: [num_blocks, block_size, kv_heads, head_dim]
 
 
@@ -60,6 +62,15 @@ class DecodeGroup:
         return self.buffers["k"], self.buffers["v"]
 
 
+@dataclass(frozen=True, slots=True)
+class KernelDecodes:
+    """All decodes of a step, for the CPU kernel that reads the paged cache in place."""
+
+    rows: slice | torch.Tensor
+    block_tables: torch.Tensor  # [num, max_blocks] long
+    context_lens: torch.Tensor  # [num] long
+
+
 # Decodes are split into at most this many groups of at least MIN_DECODE_GROUP sequences each.
 MAX_DECODE_GROUPS = 4
 MIN_DECODE_GROUP = 8
@@ -86,6 +97,21 @@ class AttentionMetadata:
     # Decodes, batched in groups of similar context length (less padding to gather and attend).
     decode_groups: tuple[DecodeGroup, ...]
     prefills: tuple[PrefillChunk, ...]
+    # Set instead of decode_groups where the CPU kernel runs the decodes (float32 on the CPU).
+    kernel_decodes: KernelDecodes | None = None
+
+    def attend(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,
+        kv_cache: KVCache,
+        scale: float,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        """Store this step's K/V, then attend (the model's one call into attention)."""
+        k_cache, v_cache = kv_cache
+        store_kv(k, v, k_cache, v_cache, self.slot_mapping)
+        return paged_attention(q, k_cache, v_cache, self, scale, k=k, v=v)
 
     @classmethod
     def build(
@@ -97,12 +123,15 @@ class AttentionMetadata:
         block_size: int,
         device: torch.device,
         dtype: torch.dtype,
+        decode_kernel: bool | None = None,
     ) -> AttentionMetadata:
         """Metadata of one step from host data. Sequence `b` computes its last `query_lens[b]`
         of `context_lens[b]` tokens; `block_tables[b]` must cover `context_lens[b]` tokens
         (longer tables are fine). `dtype` is the model's (masks are additive, in that dtype).
 
         All integer data goes to the device in one copy; nothing here waits for the device.
+        `decode_kernel` runs the decodes in the CPU kernel (None: wherever it applies, that is
+        float32 on the CPU once the kernel has built) instead of grouped SDPA calls.
         """
         num_seqs = len(query_lens)
         if not num_seqs or len(context_lens) != num_seqs or len(block_tables) != num_seqs:
@@ -131,7 +160,13 @@ class AttentionMetadata:
 
         decodes = np.flatnonzero(q_lens == 1)
         needed = np.asarray(blocks_needed, dtype=np.int64)
-        groups = [decodes[idx] for idx in group_decodes(needed[decodes])] if len(decodes) else []
+        use_kernel = decode_kernel
+        if use_kernel is None:
+            use_kernel = device.type == "cpu" and dtype == torch.float32
+            use_kernel = use_kernel and cpu_kernels.paged_decode_kernel() is not None
+        groups = []
+        if len(decodes) and not use_kernel:
+            groups = [decodes[idx] for idx in group_decodes(needed[decodes])]
         parts = [positions, slots, ctx, table.reshape(-1)]
         for members in groups:
             max_blocks_g = int(needed[members].max())
@@ -151,6 +186,16 @@ class AttentionMetadata:
             keep = torch.arange(padded_len, device=device) < group_ctx_t[:, None]
             pad_mask = _additive(keep, dtype)[:, None, None, :]
             decode_groups.append(DecodeGroup(rows, len(members), block_ids_t, pad_mask))
+
+        kernel_decodes = None
+        if len(decodes) and use_kernel:
+            rows_host = starts[decodes]
+            kernel_rows: slice | torch.Tensor = torch.from_numpy(rows_host)
+            if rows_host[-1] - rows_host[0] == len(decodes) - 1:
+                kernel_rows = slice(int(rows_host[0]), int(rows_host[0]) + len(decodes))
+            kernel_decodes = KernelDecodes(
+                kernel_rows, torch.from_numpy(table[decodes]), torch.from_numpy(ctx[decodes])
+            )
 
         start_list = [int(s) for s in starts]
         prefills = []
@@ -181,6 +226,7 @@ class AttentionMetadata:
             num_decodes=len(decodes),
             decode_groups=tuple(decode_groups),
             prefills=tuple(prefills),
+            kernel_decodes=kernel_decodes,
         )
 
 
@@ -214,9 +260,18 @@ def paged_attention(
 ) -> torch.Tensor:  # [T, num_heads, head_dim]
     """Attention of each token to its sequence's cached K/V (this step's must be stored first).
     Given `k` and `v`, a prefill with no cached prefix uses them instead of reading them back."""
+    kd = meta.kernel_decodes
+    if kd is not None and meta.num_decodes == meta.num_tokens:
+        return cpu_kernels.paged_decode(
+            q, k_cache, v_cache, kd.block_tables, kd.context_lens, scale
+        )
     if len(meta.decode_groups) == 1 and meta.num_decodes == meta.num_tokens:
         return _decode(q, k_cache, v_cache, meta.decode_groups[0], scale)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if kd is not None:
+        out[kd.rows] = cpu_kernels.paged_decode(
+            q[kd.rows], k_cache, v_cache, kd.block_tables, kd.context_lens, scale
+        )
     for group in meta.decode_groups:
         out[group.rows] = _decode(q[group.rows], k_cache, v_cache, group, scale)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]

@@ -119,7 +119,8 @@ class BlockManager:
 
     def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
         with self.lock:
-            return self._blocks_to_take(seq, num_new_tokens) <= self.num_free_blocks
+            shared, fresh = self._blocks_to_take(seq, num_new_tokens)
+            return len(shared) + fresh <= len(self._free) + len(self._evictable)
 
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]]:
         """Make room for the K/V of `num_new_tokens` more tokens after `num_computed_tokens`.
@@ -127,25 +128,49 @@ class BlockManager:
         in this table by a fresh copy. Apply the copies in order (or gather every source before
         scattering) before the forward pass."""
         with self.lock:
-            if not self.can_append(seq, num_new_tokens):
+            shared, fresh = self._blocks_to_take(seq, num_new_tokens)
+            if len(shared) + fresh > len(self._free) + len(self._evictable):
                 raise RuntimeError("out of KV cache blocks: check can_append first")
             copies = []
-            for index in self._shared_write_indices(seq, num_new_tokens):
+            for index in shared:
                 src = seq.block_table[index]
                 dst = self._take_fresh()
                 self.blocks[src].ref_count -= 1  # stays above 0: another sequence holds it
                 seq.block_table[index] = dst
                 copies.append((src, dst))
-            end = seq.num_computed_tokens + num_new_tokens
-            for _ in range(self.blocks_needed(end) - len(seq.block_table)):
+            for _ in range(fresh):
                 seq.block_table.append(self._take_fresh())
             return copies
+
+    def try_append_slots(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]] | None:
+        """`append_slots` if `can_append`, else None: the check and the act in one call under
+        one lock. The scheduler makes this call for every running sequence every step, so a
+        decode token that lands in its own block's free slot returns at once."""
+        with self.lock:
+            computed = seq.num_computed_tokens
+            table = seq.block_table
+            index = computed // self.block_size
+            if (
+                num_new_tokens == 1
+                and index < len(table)
+                and self.blocks[table[index]].ref_count == 1
+            ):
+                return []
+            if not self.can_append(seq, num_new_tokens):
+                return None
+            return self.append_slots(seq, num_new_tokens)
 
     def seal_full_blocks(self, seq: Sequence) -> None:
         """Hash and register the blocks that `num_computed_tokens` has filled since last time. When
         another block already holds the same hash, that one stays the cached copy."""
         with self.lock:
-            num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+            # Only blocks whose every token id is known: a pending token's block waits.
+            num_known = len(seq.prompt_token_ids) + len(seq.output_token_ids)
+            num_full = min(
+                min(seq.num_computed_tokens, num_known) // self.block_size, len(seq.block_table)
+            )
+            if num_full == 0 or self.blocks[seq.block_table[num_full - 1]].hash is not None:
+                return  # sealed blocks are a prefix of the table: nothing new is full
             first = num_full
             while first > 0 and self.blocks[seq.block_table[first - 1]].hash is None:
                 first -= 1
@@ -210,17 +235,15 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
-    def _shared_write_indices(self, seq: Sequence, num_new_tokens: int) -> list[int]:
-        """Table indices of the shared blocks that the next `num_new_tokens` would write."""
-        first = seq.num_computed_tokens // self.block_size
-        end = seq.num_computed_tokens + num_new_tokens
-        last = min(len(seq.block_table), self.blocks_needed(end))
-        return [i for i in range(first, last) if self.blocks[seq.block_table[i]].ref_count > 1]
-
-    def _blocks_to_take(self, seq: Sequence, num_new_tokens: int) -> int:
-        end = seq.num_computed_tokens + num_new_tokens
-        new = max(0, self.blocks_needed(end) - len(seq.block_table))
-        return new + len(self._shared_write_indices(seq, num_new_tokens))
+    def _blocks_to_take(self, seq: Sequence, num_new_tokens: int) -> tuple[list[int], int]:
+        """(table indices of the shared blocks that the next `num_new_tokens` would write, how
+        many fresh blocks they need at the end of the table). Runs per sequence per step."""
+        table, blocks, size = seq.block_table, self.blocks, self.block_size
+        computed = seq.num_computed_tokens
+        needed = -(-(computed + num_new_tokens) // size)
+        last = min(len(table), needed)
+        shared = [i for i in range(computed // size, last) if blocks[table[i]].ref_count > 1]
+        return shared, max(0, needed - len(table))
 
     def _take_cached(self, block_id: int) -> None:
         block = self.blocks[block_id]

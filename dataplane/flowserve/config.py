@@ -8,9 +8,10 @@ from typing import Any, Literal
 import torch
 
 from dataplane.flowserve.errors import ConfigError
+from dataplane.flowserve.platform import Platform, detect_device, get_platform, is_available
 
 DType = Literal["float32", "bfloat16", "float16"]
-Device = Literal["cpu", "cuda"]
+Device = Literal["cpu", "cuda", "npu"]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -18,14 +19,12 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 DEFAULT_MAX_MODEL_LEN = 4096
-CUDA_KV_FRACTION = 0.85
-CPU_KV_FRACTION = 0.1
 
 
 @dataclass(slots=True)
 class EngineConfig:
-    """`None` means auto: the device is cuda when one is present, the dtype float32 on cpu and
-    bfloat16 on cuda, max_model_len min(max_position_embeddings, 4096)."""
+    """`None` means auto: the device is the best one present (cuda, npu, cpu), the dtype float32
+    on a host and bfloat16 on an accelerator, max_model_len min(max_position_embeddings, 4096)."""
 
     model: str
     dtype: DType | None = None
@@ -39,45 +38,61 @@ class EngineConfig:
     # weights are loaded; neither means the device default (see `kv_cache_fraction_or_default`).
     kv_cache_bytes: int | None = None
     kv_cache_fraction: float | None = None
+    # A JSON file holding the activation peak of a profiling pass: read when it matches this
+    # model and config (skipping the pass at scale-up), written after a pass otherwise.
+    memory_profile: str | None = None
+    # Everything eager: no decode graphs. Kernels are the same either way.
+    enforce_eager: bool = False
+    # Overlap the host's work for the next step with the device's current one (None: where the
+    # device runs asynchronously to the host, i.e. where the platform has events).
+    async_scheduling: bool | None = None
+    # A node's DRAM preload cache (flowserve.weights_cache): when it holds this model in this
+    # dtype, the weights are mapped from it (shared with the node's other instances), not read.
+    weights_cache: str | None = None
+    # A running instance's weight socket on the same GPU (dataplane.scaleout.cuda_share): the
+    # weights are taken from it first, opened in place (share) or copied device-to-device.
+    weights_peer: str | None = None
+    weights_peer_mode: Literal["copy", "share"] = "copy"
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, not {self.dtype!r}")
-        if self.device is not None and self.device not in ("cpu", "cuda"):
-            raise ConfigError(f"device must be cpu or cuda, not {self.device!r}")
+        if self.device is not None and self.device not in ("cpu", "cuda", "npu"):
+            raise ConfigError(f"device must be cpu, cuda or npu, not {self.device!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError("max_model_len must be at least 1")
         if self.max_num_seqs < 1:
             raise ConfigError("max_num_seqs must be at least 1")
         if self.block_size < 1:
             raise ConfigError("block_size must be at least 1")
+        if self.weights_peer_mode not in ("copy", "share"):
+            raise ConfigError(f"weights_peer_mode is copy or share, not {self.weights_peer_mode}")
         if self.kv_cache_bytes is not None and self.kv_cache_fraction is not None:
             raise ConfigError("give kv_cache_bytes or kv_cache_fraction, not both")
 
-    @property
-    def kv_cache_fraction_or_default(self) -> float | None:
-        """None when a byte budget is set; else the fraction asked for, or the default: most of
-        a GPU's free memory, a modest share of a host's (instances there share the machine)."""
+    def kv_cache_fraction_or_default(self, platform: Platform) -> float | None:
+        """None when a byte budget is set; else the fraction asked for, or the platform's
+        default: most of a GPU's free memory, a modest share of a host's (instances there share
+        the machine)."""
         if self.kv_cache_bytes is not None:
             return None
         if self.kv_cache_fraction is not None:
             return self.kv_cache_fraction
-        on_cuda = self.device == "cuda" or (self.device is None and torch.cuda.is_available())
-        return CUDA_KV_FRACTION if on_cuda else CPU_KV_FRACTION
+        return platform.kv_fraction_default
 
 
 def resolve_device(device: Device | None) -> torch.device:
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda was asked for but no CUDA device is present")
+        return detect_device()
+    if not is_available(device):
+        raise ConfigError(f"device {device} was asked for but none is present")
     return torch.device(device)
 
 
 def resolve_dtype(dtype: DType | None, device: torch.device) -> torch.dtype:
     if dtype is None:
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
+        return get_platform(device).dtype_default
     return DTYPES[dtype]
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,13 +32,19 @@ from dataplane.flowserve.config import (
     resolve_max_model_len,
 )
 from dataplane.flowserve.errors import ConfigError, DuplicateRequest, InvalidRequest
-from dataplane.flowserve.kv_cache import resolve_kv_cache_budget
-from dataplane.flowserve.model_runner import ModelRunner
-from dataplane.flowserve.models import load_model
-from dataplane.flowserve.sampler import Logprob, sample
+from dataplane.flowserve.kv_cache import (
+    MemoryProfile,
+    num_blocks_for_budget,
+    resolve_kv_cache_budget,
+)
+from dataplane.flowserve.model_runner import ModelRunner, PendingTokens
+from dataplane.flowserve.models import ModelConfig, load_model
+from dataplane.flowserve.platform import get_platform
+from dataplane.flowserve.sampler import Logprob, needs_host, sample, sample_tokens
 from dataplane.flowserve.sampling_params import SamplingParams
-from dataplane.flowserve.scheduler import Scheduler
-from dataplane.flowserve.sequence import FinishReason, Sequence
+from dataplane.flowserve.scheduler import ScheduledBatch, Scheduler
+from dataplane.flowserve.sequence import FinishReason, Sequence, SequenceStatus
+from dataplane.flowserve.weights_cache import ready_weights
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +72,26 @@ class EngineStats:
     num_preemptions: int
 
 
+@dataclass(slots=True)
+class _InFlight:
+    """A launched batch whose sampled tokens the host has not read yet."""
+
+    sampling: list[Sequence]  # the sequences that sample, in token order
+    tokens: torch.Tensor  # [num_sampling] on the device: the next batch's inputs read them
+    rows: dict[Sequence, int]  # sequence -> its index in `tokens`
+    host_tokens: torch.Tensor  # the same, copied to the host once `event` is complete
+    event: Any  # None where the copy is already complete
+
+
 class Engine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(
+        self, config: EngineConfig, *, weights: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        """`weights`: the model's state already converted (`weights_cache`), e.g. a forked
+        instance's parent's; else config.weights_cache's entry for the model, else the folder."""
         self.config = config
         self.device = resolve_device(config.device)
+        self.platform = get_platform(self.device)
         dtype = resolve_dtype(config.dtype, self.device)
         try:
             self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
@@ -77,27 +101,50 @@ class Engine:
             raise ConfigError(f"cannot load a tokenizer from {config.model}: {exc}") from exc
         hf_config = _read_config(config.model)
         self.max_model_len = resolve_max_model_len(config.max_model_len, hf_config)
-        model, model_config = load_model(
-            config.model, dtype, self.device, max_positions=self.max_model_len
+        self.weights = ready_weights(
+            weights,
+            config.weights_cache,
+            config.model,
+            dtype,
+            device=self.device,
+            peer=config.weights_peer,
+            peer_mode=config.weights_peer_mode,
         )
+        model, model_config = load_model(
+            config.model,
+            dtype,
+            self.device,
+            max_positions=self.max_model_len,
+            ready=self.weights.tensors,
+        )
+        self.weights_loaded_at = time.time()  # a startup mark (startup.py)
         self.vocab_size = model_config.vocab_size
         self.eos_token_ids = _eos_token_ids(self.tokenizer, config.model)
-        self.kv_budget = resolve_kv_cache_budget(
-            self.device,
-            num_bytes=config.kv_cache_bytes,
-            fraction=config.kv_cache_fraction_or_default,
-        )
         self._runner = ModelRunner(
             model,
             model_config,
-            budget=self.kv_budget,
+            platform=self.platform,
             block_size=config.block_size,
             dtype=dtype,
-            device=self.device,
-            # Twice what max_num_seqs full-length sequences hold: the rest would only ever
-            # serve the prefix cache, and every block costs bookkeeping.
-            max_blocks=2 * config.max_num_seqs * -(-self.max_model_len // config.block_size),
+            max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            enforce_eager=config.enforce_eager,
         )
+        fraction = config.kv_cache_fraction_or_default(self.platform)
+        self.kv_budget = resolve_kv_cache_budget(
+            self.device,
+            num_bytes=config.kv_cache_bytes,
+            fraction=fraction,
+            reserved_bytes=0 if fraction is None else self._activation_bytes(model_config, dtype),
+        )
+        num_blocks = num_blocks_for_budget(
+            self.kv_budget.num_bytes, model_config, config.block_size, dtype
+        )
+        # Twice what max_num_seqs full-length sequences hold: the rest would only ever serve
+        # the prefix cache, and every block costs bookkeeping.
+        max_blocks = 2 * config.max_num_seqs * -(-self.max_model_len // config.block_size)
+        self._runner.allocate_kv_cache(min(num_blocks, max_blocks))
+        self._runner.capture_graphs()
         self.block_manager = BlockManager(self._runner.num_blocks, config.block_size)
         self._scheduler = Scheduler(
             self.block_manager,
@@ -106,10 +153,54 @@ class Engine:
             max_model_len=self.max_model_len,
         )
         self._sequences: dict[str, Sequence] = {}
+        # The live sequences whose sampling reads host state (penalties, logprobs): kept as a
+        # set so that a step need not ask all of them.
+        self._host_sampled: set[Sequence] = set()
         self._aborted: list[StepOutput] = []  # reported by the next step()
         self._seeds = random.Random(config.seed)  # for sequences that bring no seed
         self.num_preemptions = 0
+        # Async scheduling: step k schedules and launches batch k, then reads batch k-1's tokens,
+        # so the host's work overlaps the device's. Where the device is the host, nothing gains.
+        self.async_scheduling = (
+            config.async_scheduling
+            if config.async_scheduling is not None
+            else self.platform.event() is not None
+        )
+        self._in_flight: _InFlight | None = None
         log.info("%s", self.describe_kv_cache())
+
+    def _activation_bytes(self, model_config: ModelConfig, dtype: torch.dtype) -> int:
+        """What a full step's activations need on top of the weights: from the stored profile
+        when it matches, else measured by a profiling pass (and stored, when a path is set)."""
+        config = self.config
+        key = "|".join(
+            str(part)
+            for part in (
+                model_config.model_type,
+                model_config.hidden_size,
+                model_config.num_hidden_layers,
+                model_config.vocab_size,
+                self.platform.device_name(),
+                dtype,
+                config.max_num_batched_tokens,
+                config.max_num_seqs,
+                self.max_model_len,
+                torch.__version__,
+            )
+        )
+        path = Path(config.memory_profile) if config.memory_profile else None
+        stored = MemoryProfile.load(path, key) if path is not None else None
+        if stored is not None:
+            log.info("activation memory from %s: %d MiB", path, stored.activation_bytes >> 20)
+            return stored.activation_bytes
+        measured = self._runner.profile_activations(config.max_num_batched_tokens)
+        if path is not None and measured:
+            MemoryProfile(key, measured).save(path)
+        return measured
+
+    def weight_tensors(self) -> dict[str, torch.Tensor]:
+        """The model's weights as loaded (what another instance can share: cuda_share)."""
+        return dict(self._runner.model.state_dict())
 
     def describe_kv_cache(self) -> str:
         """The start-up report of the KV budget and what it bought."""
@@ -144,7 +235,9 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         """True while some request has not yet been reported finished by `step()`."""
-        return self._scheduler.has_unfinished() or bool(self._aborted)
+        return (
+            self._scheduler.has_unfinished() or bool(self._aborted) or self._in_flight is not None
+        )
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -175,6 +268,8 @@ class Engine:
         )
         self._scheduler.add(seq)  # raises for a prompt that can never fit
         self._sequences[request_id] = seq
+        if needs_host([seq]):
+            self._host_sampled.add(seq)
 
     def abort_request(self, request_id: str) -> None:
         """Free the sequence now; the next `step()` reports it with finish_reason "abort".
@@ -182,17 +277,72 @@ class Engine:
         seq = self._sequences.pop(request_id, None)
         if seq is None:
             return
+        self._host_sampled.discard(seq)
         self._scheduler.abort(request_id)
         self._aborted.append(StepOutput(request_id, None, None, True, "abort"))
 
     def step(self) -> list[StepOutput]:
+        if not self.async_scheduling:
+            return self._step_sync()
+        if self._host_sampled:  # penalties or logprobs read the host: one step at a time
+            return self._finish_in_flight() + self._step_sync()
         outputs, self._aborted = self._aborted, []
         batch = self._scheduler.schedule()
         self.num_preemptions += len(batch.preempted)
+        outputs += self._reject(batch)
+        launched = self._launch(batch) if batch.seqs else None
+        outputs += self._finish_in_flight()
+        self._in_flight = launched
+        return outputs
+
+    def _launch(self, batch: ScheduledBatch) -> _InFlight:
+        """Run `batch` and sample on the device; start copying the tokens back. No host sync."""
+        previous = self._in_flight
+        pending = PendingTokens(previous.tokens, previous.rows) if previous is not None else None
+        self._runner.copy_blocks(batch.copies)
+        logits = self._runner.run(batch, pending)  # [num_sampling_seqs, vocab_size]
+        sampling = batch.sampling_seqs
+        tokens = sample_tokens(logits, sampling) if sampling else logits.new_empty(0).long()
+        host_tokens, event = self.platform.to_host_async(tokens)
+        self._scheduler.advance(batch)
+        rows = {seq: i for i, seq in enumerate(sampling)}
+        return _InFlight(sampling, tokens, rows, host_tokens, event)
+
+    def _finish_in_flight(self) -> list[StepOutput]:
+        """Read the launched batch's tokens (waiting for them) and land them."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
+            return []
+        if flight.event is not None:
+            flight.event.synchronize()
+        outputs = []
+        record, finished = self._scheduler.record, SequenceStatus.FINISHED
+        finish_reason = self._finish_reason
+        for seq, token_id in zip(flight.sampling, flight.host_tokens.tolist(), strict=True):
+            record(seq, token_id)
+            if seq.status is finished:
+                continue  # aborted meanwhile: its abort is reported instead
+            reason = finish_reason(seq, token_id)
+            if reason is None:
+                outputs.append(StepOutput(seq.request_id, token_id))
+                continue
+            self._retire(seq, reason)
+            outputs.append(StepOutput(seq.request_id, token_id, None, True, reason))
+        return outputs
+
+    def _reject(self, batch: ScheduledBatch) -> list[StepOutput]:
+        outputs = []
         for seq, why in batch.rejected:
             log.warning("request %s ends early: %s", seq.request_id, why)
             self._retire(seq, "length")
             outputs.append(StepOutput(seq.request_id, None, None, True, "length"))
+        return outputs
+
+    def _step_sync(self) -> list[StepOutput]:
+        outputs, self._aborted = self._aborted, []
+        batch = self._scheduler.schedule()
+        self.num_preemptions += len(batch.preempted)
+        outputs += self._reject(batch)
         if not batch.seqs:
             return outputs
         self._runner.copy_blocks(batch.copies)
@@ -215,13 +365,16 @@ class Engine:
         seq.finish_reason = reason
         self._scheduler.finish(seq)
         self._sequences.pop(seq.request_id, None)
+        self._host_sampled.discard(seq)
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
         if not seq.params.ignore_eos and token_id in self.eos_token_ids:
             return "stop"
         if token_id in seq.params.stop_token_ids:
             return "stop"
-        if len(seq.output_token_ids) >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+        num_output = len(seq.output_token_ids)
+        num_tokens = len(seq.prompt_token_ids) + num_output + seq.num_pending_tokens
+        if num_output >= seq.max_tokens or num_tokens >= self.max_model_len:
             return "length"
         return None
 

@@ -6,7 +6,9 @@ allocation `[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -14,6 +16,11 @@ import torch
 from dataplane.flowserve.attention import KVCache
 from dataplane.flowserve.errors import ConfigError
 from dataplane.flowserve.models.config import ModelConfig
+from dataplane.flowserve.platform import _mem_available_from_proc, get_platform
+
+__all__ = ["_mem_available_from_proc"]  # kept importable from here for old callers
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,35 +59,20 @@ def num_blocks_for_budget(
 
 
 def free_memory(device: torch.device) -> int:
-    """Bytes free now on `device`: CUDA's free memory, or the host's available memory."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
-    if device.type != "cpu":
-        raise ConfigError(f"cannot measure free memory on a {device.type} device")
-    try:
-        import psutil
-    except ImportError:
-        return _mem_available_from_proc()
-    return int(psutil.virtual_memory().available)
-
-
-def _mem_available_from_proc(meminfo: Path = Path("/proc/meminfo")) -> int:
-    try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024  # reported in kB
-    except (OSError, ValueError, IndexError) as exc:
-        raise ConfigError(f"cannot read free memory from {meminfo}: {exc}") from exc
-    raise ConfigError(f"{meminfo} has no MemAvailable line")
+    """Bytes free now on `device` (its platform measures)."""
+    return get_platform(device).free_memory()
 
 
 def resolve_kv_cache_budget(
-    device: torch.device, *, num_bytes: int | None = None, fraction: float | None = None
+    device: torch.device,
+    *,
+    num_bytes: int | None = None,
+    fraction: float | None = None,
+    reserved_bytes: int = 0,
 ) -> KVCacheBudget:
-    """Exactly one of a fixed `num_bytes` or a `fraction` (0, 1] of the memory free now.
-    Measure after the model is loaded (and, on a GPU, after a warm-up pass has reserved its
-    activations), since the cache gets a share of what is left."""
+    """Exactly one of a fixed `num_bytes` or a `fraction` (0, 1] of the memory free now, less
+    `reserved_bytes` (the activations' peak, from a profiling pass or a stored profile).
+    Measure after the model is loaded, since the cache gets a share of what is left."""
     if (num_bytes is None) == (fraction is None):
         raise ConfigError("give the KV cache budget as either bytes or a fraction of free memory")
     if num_bytes is not None:
@@ -90,8 +82,39 @@ def resolve_kv_cache_budget(
     assert fraction is not None
     if not 0 < fraction <= 1:
         raise ConfigError(f"the KV cache fraction must be in (0, 1], not {fraction}")
-    free = free_memory(device)
+    free = max(0, free_memory(device) - reserved_bytes)
     return KVCacheBudget(num_bytes=int(free * fraction), free_bytes=free, fraction=fraction)
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryProfile:
+    """What a profiling pass measured, stored so that a scale-up of the same model and config
+    on the same kind of device can size its KV cache without running the pass again."""
+
+    key: str  # model, device kind, dtype and the batch limits the pass ran at
+    activation_bytes: int  # peak allocated during the pass, over what the weights hold
+
+    @staticmethod
+    def load(path: Path, key: str) -> MemoryProfile | None:
+        """The stored profile for `key`, or None (no file, unreadable, or another key)."""
+        try:
+            data = json.loads(path.read_text())
+            profile = MemoryProfile(str(data["key"]), int(data["activation_bytes"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if profile.key != key:
+            log.info("memory profile %s is for another config; profiling again", path)
+            return None
+        return profile
+
+    def save(self, path: Path) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(asdict(self)) + "\n")
+            tmp.replace(path)
+        except OSError as exc:  # a read-only model store must not stop the instance
+            log.warning("cannot store the memory profile at %s: %s", path, exc)
 
 
 def allocate_kv_cache(
@@ -102,7 +125,8 @@ def allocate_kv_cache(
     device: torch.device,
 ) -> list[KVCache]:
     """Zeroed, so that padding gathered from never-written slots is finite: masked-out
-    positions get weight 0, and 0 * NaN would still poison the output."""
+    positions get weight 0, and 0 * NaN would still poison the output. (The runner asks for one
+    block more than the block manager hands out: padded graph rows write there.)"""
     cache = torch.zeros(
         (
             config.num_hidden_layers,

@@ -170,30 +170,77 @@ class Scheduler:
                     seq.output_token_ids.append(token_id)
                 self.block_manager.seal_full_blocks(seq)
 
+    def advance(self, batch: ScheduledBatch) -> None:
+        """Async scheduling, at launch: each scheduled chunk counts as computed (the device runs
+        it before anything scheduled later), and each sampling sequence has one more pending
+        token, so the next `schedule()` can already decode it. `record` lands the token."""
+        manager = self.block_manager
+        size = manager.block_size
+        with manager.lock:
+            for item in batch.seqs:
+                seq = item.seq
+                end = item.start + item.num_new_tokens
+                seq.num_computed_tokens = end
+                if item.samples:
+                    seq.num_pending_tokens += 1
+                known = len(seq.prompt_token_ids) + len(seq.output_token_ids)
+                if min(end, known) // size > item.start // size:  # a block may have filled
+                    manager.seal_full_blocks(seq)
+
+    def record(self, seq: Sequence, token_id: int) -> None:
+        """Async scheduling, once read: `seq`'s oldest pending token is `token_id`. Finished
+        (aborted) sequences drop it; preempted ones keep it for their recompute."""
+        seq.num_pending_tokens -= 1
+        if seq.status is SequenceStatus.FINISHED:
+            return
+        seq.output_token_ids.append(token_id)
+        manager = self.block_manager
+        # Only a token that completes a block can make one sealable.
+        known = len(seq.prompt_token_ids) + len(seq.output_token_ids)
+        if seq.status is SequenceStatus.RUNNING and known % manager.block_size == 0:
+            with manager.lock:
+                manager.seal_full_blocks(seq)
+
     # --- internals -------------------------------------------------------------------------------
 
     def _schedule_running(self, plan: _Plan) -> None:
         manager = self.block_manager
-        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
-        prefills = [s for s in self.running if s.num_uncomputed_tokens > 1]
-        for seq in decodes + prefills:
-            if seq.status is not SequenceStatus.RUNNING:
+        # This loop runs for every running sequence every step: it reads each count once.
+        decodes: list[tuple[Sequence, int]] = []
+        prefills: list[tuple[Sequence, int]] = []
+        for seq in self.running:
+            uncomputed = seq.num_uncomputed_tokens
+            if uncomputed == 1:
+                decodes.append((seq, 1))
+            elif uncomputed > 1:
+                prefills.append((seq, uncomputed))
+        running = SequenceStatus.RUNNING
+        max_model_len, num_blocks = self.max_model_len, manager.num_blocks
+        for seq, uncomputed in decodes + prefills:
+            if seq.status is not running:
                 continue  # preempted as a victim earlier in this loop
-            num_new = min(seq.num_uncomputed_tokens, plan.budget)
+            pending = seq.num_pending_tokens
+            if pending and (
+                len(seq.output_token_ids) + pending >= seq.max_tokens
+                or uncomputed + seq.num_computed_tokens >= max_model_len
+            ):
+                continue  # its pending token is its last: it finishes when that is read
+            num_new = min(uncomputed, plan.budget)
             if num_new == 0:
                 break
-            end = seq.num_computed_tokens + num_new
-            if manager.blocks_needed(end) > manager.num_blocks:
-                self._reject(seq, plan, _outgrew(end))
+            start = seq.num_computed_tokens
+            if manager.blocks_needed(start + num_new) > num_blocks:
+                self._reject(seq, plan, _outgrew(start + num_new))
                 continue
-            while not manager.can_append(seq, num_new):
+            copies = manager.try_append_slots(seq, num_new)
+            while copies is None:
                 victim = max(self.running, key=_rank)
                 self._preempt(victim, plan)
                 if victim is seq:
                     break
+                copies = manager.try_append_slots(seq, num_new)
             else:
-                start = seq.num_computed_tokens
-                plan.add(seq, start, num_new, manager.append_slots(seq, num_new))
+                plan.add(seq, start, num_new, copies, samples=num_new == uncomputed)
 
     def _admit_waiting(self, plan: _Plan) -> None:
         manager = self.block_manager
@@ -211,7 +258,7 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             start = seq.num_computed_tokens
-            plan.add(seq, start, num_tokens - start, [])
+            plan.add(seq, start, num_tokens - start, [], samples=num_tokens == seq.num_tokens)
 
     def _preempt(self, seq: Sequence, plan: _Plan) -> None:
         self.running.remove(seq)
@@ -244,8 +291,15 @@ class _Plan:
     preempted: list[Sequence] = field(default_factory=list)
     rejected: list[tuple[Sequence, str]] = field(default_factory=list)
 
-    def add(self, seq: Sequence, start: int, num_new: int, copies: list[tuple[int, int]]) -> None:
-        samples = start + num_new == seq.num_tokens
+    def add(
+        self,
+        seq: Sequence,
+        start: int,
+        num_new: int,
+        copies: list[tuple[int, int]],
+        *,
+        samples: bool,  # the chunk reaches the sequence's last token
+    ) -> None:
         self.items[seq] = (ScheduledSeq(seq, start, num_new, samples), copies)
         self.budget -= num_new
 

@@ -45,6 +45,9 @@ class Sequence:
     # Chained hashes of this sequence's full blocks, a memo the block manager extends: tokens are
     # append-only, so a full block's hash never changes (and survives preemption).
     block_hashes: list[bytes] = field(default_factory=list)
+    # Sampled on the device, not yet read by the host (async scheduling): counted in num_tokens
+    # (the next step may already compute them) but not yet in output_token_ids.
+    num_pending_tokens: int = 0
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -52,6 +55,11 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids the host has: `len(all_token_ids)`."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
@@ -65,4 +73,9 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         """Tokens whose K/V is still to compute: 1 while decoding, more while (re)prefilling."""
-        return self.num_tokens - self.num_computed_tokens
+        return (
+            len(self.prompt_token_ids)
+            + len(self.output_token_ids)
+            + self.num_pending_tokens
+            - self.num_computed_tokens
+        )

@@ -34,6 +34,7 @@ from dataplane.flowserve.errors import InvalidRequest, PromptTooLong
 from dataplane.flowserve.metrics import CONTENT_TYPE, Metrics
 from dataplane.flowserve.prompts import build_prompt
 from dataplane.flowserve.sampling_params import SamplingParams
+from dataplane.flowserve.startup import StartupClock
 from dataplane.flowserve.stream import RequestStream
 from dataplane.flowserve.token_text import TokenTexts
 
@@ -48,6 +49,7 @@ class _Instance:
     token_texts: TokenTexts
     model_name: str
     instance_id: str | None
+    startup: StartupClock | None = None
     in_flight: set[str] = field(default_factory=set)
 
 
@@ -110,6 +112,7 @@ async def health(request: Request) -> Response:
         max_model_len=inst.engine.max_model_len,
         num_requests_running=inst.driver.num_running,
         num_requests_waiting=inst.driver.num_waiting,
+        startup=inst.startup.report() if inst.startup is not None else None,
     )
     return JSONResponse(body.model_dump())
 
@@ -186,8 +189,10 @@ def create_app(
     *,
     model_name: str,
     instance_id: str | None = None,
+    startup: StartupClock | None = None,
 ) -> Starlette:
-    """`load_engine` runs once at start-up, off the event loop."""
+    """`load_engine` runs once at start-up, off the event loop. `startup`, when given, is
+    marked ready once the engine runs, and reported by /health."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -198,9 +203,11 @@ def create_app(
         driver = EngineDriver(engine, metrics)
         metrics.watch(lambda: driver.stats)
         app.state.instance = _Instance(
-            engine, driver, metrics, TokenTexts(engine.tokenizer), model_name, instance_id
+            engine, driver, metrics, TokenTexts(engine.tokenizer), model_name, instance_id, startup
         )
         driver.start()
+        if startup is not None:
+            startup.mark_ready(engine.weights_loaded_at, engine.weights.source)
         try:
             yield
         finally:

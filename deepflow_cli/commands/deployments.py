@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -10,9 +10,9 @@ from controlplane.wire import DeploymentInfo
 from deepflow_cli import columns
 from deepflow_cli.client import DeepFlowClient
 from deepflow_cli.context import connect
-from deepflow_cli.errors import CliError
-from deepflow_cli.options import JsonOpt, ReplicasOpt, TimeoutOpt, WaitOpt
-from deepflow_cli.output import render, say, wait_for
+from deepflow_cli.errors import CliError, ExitCode
+from deepflow_cli.options import JsonOpt, LimitOpt, ReplicasOpt, TimeoutOpt, WaitOpt
+from deepflow_cli.output import render, reporting_errors, say, wait_for
 
 app = typer.Typer(help="List, inspect, scale and delete deployments.", no_args_is_help=True)
 # `deploy` and `scale` sit at the top level; main.py merges this app without a name.
@@ -20,6 +20,77 @@ shortcuts = typer.Typer()
 
 NameArg = Annotated[str, typer.Argument(help="Deployment name.")]
 POLL_INTERVAL_S = 0.5
+
+# Autoscaling (docs/scaling.md, "Autoscaling"): on when --max-replicas is given.
+OptionalReplicasOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--replicas",
+        "-r",
+        min=0,
+        help="Number of replicas (default 1); with autoscaling, the count to start from.",
+        show_default=False,
+    ),
+]
+MinReplicasOpt = Annotated[
+    int | None,
+    typer.Option("--min-replicas", min=0, help="Autoscaling: fewest replicas (default 0)."),
+]
+MaxReplicasOpt = Annotated[
+    int | None,
+    typer.Option("--max-replicas", min=1, help="Autoscaling: most replicas; turns it on."),
+]
+TargetOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--target-concurrency",
+        min=0.001,
+        help="Autoscaling: requests (running + waiting) per replica to aim for (default 2).",
+    ),
+]
+UpscaleDelayOpt = Annotated[
+    float | None,
+    typer.Option("--upscale-delay", min=0, help="Autoscaling: seconds of load before adding (30)."),
+]
+DownscaleDelayOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--downscale-delay", min=0, help="Autoscaling: seconds of low load before removing (600)."
+    ),
+]
+ScaleToZeroOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--scale-to-zero-after",
+        min=0,
+        help="Autoscaling: seconds without requests before the last replica goes (60).",
+    ),
+]
+
+
+def _autoscaling(
+    min_replicas: int | None,
+    max_replicas: int | None,
+    target: float | None,
+    upscale_delay: float | None,
+    downscale_delay: float | None,
+    scale_to_zero_after: float | None,
+) -> dict[str, Any]:
+    return {
+        "min_replicas": min_replicas,
+        "max_replicas": max_replicas,
+        "target_concurrency": target,
+        "upscale_delay_s": upscale_delay,
+        "downscale_delay_s": downscale_delay,
+        "scale_to_zero_after_s": scale_to_zero_after,
+    }
+
+
+def _summary(d: DeploymentInfo) -> str:
+    if d.autoscaling is None:
+        return f"{d.replicas} replicas"
+    auto = d.autoscaling
+    return f"{d.replicas} replicas, autoscaling {auto.min_replicas}-{auto.max_replicas}"
 
 
 def _wait_ready(client: DeepFlowClient, name: str, timeout: float) -> DeploymentInfo:
@@ -47,14 +118,33 @@ def deploy(
     ctx: typer.Context,
     name: NameArg,
     model: Annotated[str, typer.Option("--model", "-m", help="Registered model to serve.")],
-    replicas: ReplicasOpt = 1,
+    replicas: OptionalReplicasOpt = None,
+    min_replicas: MinReplicasOpt = None,
+    max_replicas: MaxReplicasOpt = None,
+    target_concurrency: TargetOpt = None,
+    upscale_delay: UpscaleDelayOpt = None,
+    downscale_delay: DownscaleDelayOpt = None,
+    scale_to_zero_after: ScaleToZeroOpt = None,
     wait: WaitOpt = True,
     timeout: TimeoutOpt = 300.0,
     json_mode: JsonOpt = False,
 ) -> None:
-    """Create a deployment of a model and wait until its replicas are ready."""
+    """Create a deployment of a model and wait until its replicas are ready.
+
+    Without --max-replicas it keeps --replicas (default 1) replicas; with it, it autoscales
+    between --min-replicas (default 0) and --max-replicas."""
+    autoscaling = _autoscaling(
+        min_replicas,
+        max_replicas,
+        target_concurrency,
+        upscale_delay,
+        downscale_delay,
+        scale_to_zero_after,
+    )
+    if replicas is None and max_replicas is None:
+        replicas = 1
     with connect(ctx) as client:
-        deployment = client.create_deployment(name, model, replicas)
+        deployment = client.create_deployment(name, model, replicas, **autoscaling)
         if wait:
             deployment = _wait_ready(client, name, timeout)
         if json_mode:
@@ -68,21 +158,67 @@ def deploy(
 def scale(
     ctx: typer.Context, name: NameArg, replicas: ReplicasOpt, json_mode: JsonOpt = False
 ) -> None:
-    """Set a deployment's number of replicas."""
-    update(ctx, name, replicas, json_mode)
+    """Set a deployment's number of replicas.
+
+    On an autoscaled deployment this sets its current count, which must lie within its bounds;
+    the autoscaler goes on from there (change the bounds with `deployments update`)."""
+    _update(ctx, name, {"replicas": replicas}, json_mode)
 
 
 @app.command()
 def update(
-    ctx: typer.Context, name: NameArg, replicas: ReplicasOpt, json_mode: JsonOpt = False
+    ctx: typer.Context,
+    name: NameArg,
+    replicas: OptionalReplicasOpt = None,
+    min_replicas: MinReplicasOpt = None,
+    max_replicas: MaxReplicasOpt = None,
+    target_concurrency: TargetOpt = None,
+    upscale_delay: UpscaleDelayOpt = None,
+    downscale_delay: DownscaleDelayOpt = None,
+    scale_to_zero_after: ScaleToZeroOpt = None,
+    no_autoscale: Annotated[
+        bool, typer.Option("--no-autoscale", help="Turn autoscaling off, keeping the replicas.")
+    ] = False,
+    json_mode: JsonOpt = False,
 ) -> None:
-    """Change a deployment (its number of replicas)."""
+    """Change a deployment: its replicas, or its autoscaling (--max-replicas turns it on)."""
+    fields = _autoscaling(
+        min_replicas,
+        max_replicas,
+        target_concurrency,
+        upscale_delay,
+        downscale_delay,
+        scale_to_zero_after,
+    )
+    fields["replicas"] = replicas
+    if no_autoscale:
+        fields["autoscaling"] = False
+    if all(v is None for v in fields.values()):
+        with reporting_errors():
+            raise CliError(
+                "nothing to change: give --replicas or an autoscaling option", ExitCode.USAGE
+            )
+    _update(ctx, name, fields, json_mode)
+
+
+def _update(ctx: typer.Context, name: str, fields: dict[str, Any], json_mode: bool) -> None:
     with connect(ctx) as client:
-        deployment = client.update_deployment(name, replicas=replicas)
+        deployment = client.update_deployment(name, **fields)
         if json_mode:
             render(deployment, columns.DEPLOYMENT, json_mode)
         else:
-            say(f"deployment {name} scaled to {deployment.replicas} replicas")
+            say(f"deployment {name} scaled to {_summary(deployment)}")
+
+
+@app.command()
+def scaling(
+    ctx: typer.Context, name: NameArg, limit: LimitOpt = 20, json_mode: JsonOpt = False
+) -> None:
+    """Show a deployment's scaling events, newest first: each change of replicas (by the
+    autoscaler or by hand) and each model preload, with what it was decided on."""
+    with connect(ctx) as client:
+        events = client.scaling_events(name, limit=limit)
+    render(events, columns.SCALING_EVENT, json_mode, title=f"scaling of {name}")
 
 
 @app.command("list")

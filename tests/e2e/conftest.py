@@ -118,6 +118,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
         "DEEPFLOW_URL": url,
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        "DEEPFLOW_CACHE_DIR": str(home / "dram-cache"),  # the node's preloads stay in the test's
     }
     plat = Platform(home=home, url=url, env=env)
     plat.procs["controlplane"] = _spawn(

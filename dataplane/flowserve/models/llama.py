@@ -4,23 +4,49 @@ Numerically this follows transformers' LlamaForCausalLM op for op (RMSNorm in fl
 cos/sin cast to the model dtype, residual adds in the model dtype), so float32 logits match it to
 rounding. q/k/v and gate/up are fused into one matmul each; `load_weights` maps the checkpoint's
 separate tensors into their slices.
+
+`use_fused_kernels()` swaps in FlowServe's Triton kernels (RMSNorm fused with the residual add,
+rotary in place, SiLU fused with the up product, the KV store and paged attention through a
+`PagedAttentionMetadata`); they round where transformers rounds, so the numbers stay the same up
+to summation order.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from types import ModuleType
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dataplane.flowserve.attention import AttentionMetadata, KVCache, paged_attention, store_kv
+from dataplane.flowserve.attention import KVCache
 from dataplane.flowserve.errors import ConfigError
 from dataplane.flowserve.models.config import ModelConfig
 
+if TYPE_CHECKING:
+    from dataplane.flowserve.paged_metadata import PagedAttentionMetadata
+
 # Checkpoint tensors we do not need: old exports saved the rope frequencies.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class AttentionMeta(Protocol):
+    """What the model needs of a step's attention metadata (`attention.AttentionMetadata` on the
+    host path, `paged_metadata.PagedAttentionMetadata` with the Triton kernels)."""
+
+    positions: torch.Tensor  # [T] long
+
+    def attend(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,
+        kv_cache: KVCache,
+        scale: float,
+    ) -> torch.Tensor: ...  # [T, num_heads, head_dim]; k/v stored into kv_cache first
 
 
 class RMSNorm(nn.Module):
@@ -28,12 +54,22 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.kernels: ModuleType | None = None  # FlowServe's Triton kernels, when fused
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); with no residual, (norm(x), x)."""
+        if self.kernels is not None:
+            if residual is None:
+                return self.kernels.rms_norm(x, self.weight, self.eps), x
+            return self.kernels.rms_norm(x, self.weight, self.eps, residual=residual), residual
+        if residual is not None:
+            x = x + residual
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype), x
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:  # [head_dim // 2] float32
@@ -105,26 +141,36 @@ class Attention(nn.Module):
             config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.attention_bias
         )
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.kernels: ModuleType | None = None
+        # The model's cos/sin tables [max_positions, head_dim // 2], for the fused rope kernel.
+        self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(
         self,
         x: torch.Tensor,  # [T, hidden]
-        cos: torch.Tensor,  # [T, 1, head_dim // 2]
-        sin: torch.Tensor,
+        cos: torch.Tensor | None,  # [T, 1, head_dim // 2]; None with the fused rope kernel
+        sin: torch.Tensor | None,
         kv_cache: KVCache,
-        meta: AttentionMetadata,
+        meta: AttentionMeta,
     ) -> torch.Tensor:  # [T, hidden]
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (heads + 2 * kv_heads) * head_dim]
         num_qk_heads = self.num_heads + self.num_kv_heads
         # q and k are adjacent in qkv, so one rope call rotates both.
         qk = qkv[:, : num_qk_heads * self.head_dim].view(num_tokens, num_qk_heads, self.head_dim)
-        qk = apply_rope(qk, cos, sin)  # [T, heads + kv_heads, head_dim]
-        q, k = torch.split(qk, [self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, num_qk_heads * self.head_dim :].view(num_tokens, self.num_kv_heads, -1)
-        k_cache, v_cache = kv_cache
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        o = paged_attention(q, k_cache, v_cache, meta, self.scale, k=k, v=v)  # [T, heads, hd]
+        if self.kernels is not None and self.rope_tables is not None:
+            # The kernel path's metadata: rotary and the KV store in one kernel.
+            paged = cast("PagedAttentionMetadata", meta)
+            store = (v, kv_cache[0], kv_cache[1], paged.slot_mapping)
+            self.kernels.rotary_embedding(qk, meta.positions, *self.rope_tables, store=store)
+            q = qk[:, : self.num_heads]
+            o = paged.attend_cached(q, kv_cache, self.scale)  # [T, heads, head_dim]
+        else:
+            assert cos is not None and sin is not None
+            qk = apply_rope(qk, cos, sin)  # [T, heads + kv_heads, head_dim]
+            q, k = torch.split(qk, [self.num_heads, self.num_kv_heads], dim=1)
+            o = meta.attend(q, k, v, kv_cache, self.scale)  # [T, heads, head_dim]
         out: torch.Tensor = self.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
         return out
 
@@ -139,9 +185,14 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(
             config.intermediate_size, config.hidden_size, bias=config.mlp_bias
         )
+        self.kernels: ModuleType | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]
+        if self.kernels is not None:
+            fused: torch.Tensor = self.down_proj(self.kernels.silu_and_mul(gate_up))
+            return fused
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         out: torch.Tensor = self.down_proj(F.silu(gate) * up)
         return out
 
@@ -156,15 +207,19 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # [T, hidden]
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        x: torch.Tensor,  # [T, hidden]: the previous layer's output (the embeddings for the first)
+        residual: torch.Tensor | None,  # [T, hidden]: the stream x adds to; None for the first
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
         kv_cache: KVCache,
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        out: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
-        return out
+        meta: AttentionMeta,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's output, the residual stream it adds to): the add is left to the next
+        norm, which fuses it."""
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos, sin, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -178,6 +233,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head: nn.Linear | None = None  # tied: logits use embed_tokens.weight
+        self.kernels: ModuleType | None = None
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
@@ -186,14 +242,29 @@ class LlamaForCausalLM(nn.Module):
         input_ids: torch.Tensor,  # [T] long
         positions: torch.Tensor,  # [T] long
         kv_caches: list[KVCache],  # one (k, v) per layer
-        meta: AttentionMetadata,
+        meta: AttentionMeta,
     ) -> torch.Tensor:  # [T, hidden]
-        cos, sin = self.rotary(positions)  # looked up once, shared by every layer
+        cos = sin = None
+        if self.kernels is None:
+            cos, sin = self.rotary(positions)  # looked up once, shared by every layer
         x = self.embed_tokens(input_ids)  # [T, hidden]
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, kv_cache, meta)
-        hidden: torch.Tensor = self.norm(x)
+            x, residual = layer(x, residual, cos, sin, kv_cache, meta)
+        hidden: torch.Tensor = self.norm(x, residual)[0]
         return hidden
+
+    def use_fused_kernels(self) -> None:
+        """Run RMSNorm, rotary, the KV store and attention through FlowServe's Triton kernels
+        (the step's metadata must then be a `PagedAttentionMetadata`)."""
+        from dataplane.flowserve import kernels
+
+        self.kernels = kernels
+        for module in list(self.modules()):
+            if isinstance(module, RMSNorm | Attention | MLP):
+                module.kernels = kernels
+            if isinstance(module, Attention):
+                module.rope_tables = (self.rotary.cos, self.rotary.sin)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] in the model dtype, for the rows that sample."""

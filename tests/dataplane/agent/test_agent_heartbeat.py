@@ -69,6 +69,10 @@ async def test_heartbeats_carry_every_instance(
             "pid": 7,
             "exit_code": None,
             "reason": None,
+            "launch_path": None,
+            "fallbacks": [],
+            "startup": None,
+            "ready_at": None,
         }
     ]
     instances.clear()

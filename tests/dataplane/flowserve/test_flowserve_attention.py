@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dataplane.flowserve import kv_cache
+from dataplane.flowserve import cpu_kernels, kv_cache
 from dataplane.flowserve.attention import AttentionMetadata, paged_attention, store_kv
 from dataplane.flowserve.errors import ConfigError
 from dataplane.flowserve.models import ModelConfig
@@ -18,7 +18,11 @@ NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 8
 
 
 def _meta(
-    query_lens: list[int], context_lens: list[int], tables: list[list[int]], block_size: int
+    query_lens: list[int],
+    context_lens: list[int],
+    tables: list[list[int]],
+    block_size: int,
+    decode_kernel: bool = False,
 ) -> AttentionMetadata:
     return AttentionMetadata.build(
         query_lens=query_lens,
@@ -27,6 +31,7 @@ def _meta(
         block_size=block_size,
         device=CPU,
         dtype=torch.float32,
+        decode_kernel=decode_kernel,
     )
 
 
@@ -64,6 +69,16 @@ def _reference(
     return out
 
 
+KERNEL = pytest.param(
+    True,
+    marks=pytest.mark.skipif(
+        cpu_kernels.paged_decode_kernel() is None, reason="no C compiler for the CPU kernel"
+    ),
+    id="cpu-kernel",
+)
+
+
+@pytest.mark.parametrize("decode_kernel", [pytest.param(False, id="sdpa"), KERNEL])
 @pytest.mark.parametrize("block_size", [4, 16])
 @pytest.mark.parametrize(
     ("query_lens", "context_lens"),
@@ -75,12 +90,13 @@ def _reference(
     ],
 )
 def test_paged_attention_matches_reference(
-    block_size: int, query_lens: list[int], context_lens: list[int]
+    decode_kernel: bool, block_size: int, query_lens: list[int], context_lens: list[int]
 ) -> None:
     torch.manual_seed(0)
     num_blocks = 40
     tables = _tables(context_lens, block_size, num_blocks, seed=block_size)
-    meta = _meta(query_lens, context_lens, tables, block_size)
+    meta = _meta(query_lens, context_lens, tables, block_size, decode_kernel)
+    assert (meta.kernel_decodes is not None) == (decode_kernel and 1 in query_lens)
     shape = (num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM)
     k_cache, v_cache = torch.randn(shape), torch.randn(shape)  # stale data everywhere
     keys = [torch.randn(n, NUM_KV_HEADS, HEAD_DIM) for n in context_lens]

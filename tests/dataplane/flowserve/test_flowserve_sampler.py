@@ -113,3 +113,16 @@ def test_params_from_spec() -> None:
     assert second.seed == 2**63  # seed + index, kept in the generator's 64-bit range
     assert SamplingParams.from_spec(SamplingSpec(seed=-1)).seed == 2**64 - 1
     assert SamplingParams(temperature=0.0).greedy
+
+
+def test_chunked_argmax_takes_the_first_maximum() -> None:
+    from dataplane.flowserve.sampler import chunked_argmax, greedy_argmax
+
+    logits = torch.randn(5, 96).to(torch.bfloat16)
+    logits[1, 40] = logits[1, 70] = 100.0  # a tie across chunks: the first wins
+    logits[2, 33] = logits[2, 35] = 100.0  # a tie inside a chunk
+    logits[3] = 0.0  # every entry ties
+    expected = logits.float().argmax(dim=-1)
+    assert torch.equal(chunked_argmax(logits, 32), expected)
+    assert torch.equal(chunked_argmax(logits, 8), expected)
+    assert torch.equal(greedy_argmax(logits), expected)

@@ -1,0 +1,142 @@
+"""SQL of scaling: a deployment's replica settings, and its scaling events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from controlplane import wire
+from controlplane.db import tables as t
+from controlplane.reconcile import autoscale as a
+from controlplane.reconcile.autoscale import AutoscaleConfig
+from controlplane.reconcile.scaling_spec import ScalingSpec, config_fields
+from controlplane.states import NodeState
+
+
+def autoscale_config(row: t.Deployment) -> AutoscaleConfig | None:
+    if row.max_replicas is None:
+        return None
+    return AutoscaleConfig(
+        min_replicas=row.min_replicas or 0,
+        max_replicas=row.max_replicas,
+        target_concurrency=_or(row.target_concurrency, a.DEFAULT_TARGET_CONCURRENCY),
+        upscale_delay_s=_or(row.upscale_delay_s, a.DEFAULT_UPSCALE_DELAY_S),
+        downscale_delay_s=_or(row.downscale_delay_s, a.DEFAULT_DOWNSCALE_DELAY_S),
+        scale_to_zero_after_s=_or(row.scale_to_zero_after_s, a.DEFAULT_SCALE_TO_ZERO_AFTER_S),
+    )
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def scaling_spec(row: t.Deployment) -> ScalingSpec:
+    return ScalingSpec(row.replicas, autoscale_config(row))
+
+
+def autoscaling_info(row: t.Deployment) -> wire.AutoscalingInfo | None:
+    config = autoscale_config(row)
+    if config is None:
+        return None
+    return wire.AutoscalingInfo(
+        min_replicas=config.min_replicas,
+        max_replicas=config.max_replicas,
+        target_concurrency=config.target_concurrency,
+        upscale_delay_s=config.upscale_delay_s,
+        downscale_delay_s=config.downscale_delay_s,
+        scale_to_zero_after_s=config.scale_to_zero_after_s,
+    )
+
+
+def apply_spec(row: t.Deployment, spec: ScalingSpec) -> None:
+    row.replicas = spec.replicas
+    for name, value in config_fields(spec).items():
+        setattr(row, name, value)
+
+
+def record(
+    session: Session,
+    deployment: str,
+    kind: str,
+    from_replicas: int,
+    to_replicas: int,
+    reason: str,
+    inputs: dict[str, Any],
+    now: float,
+) -> None:
+    session.add(
+        t.ScalingEvent(
+            deployment=deployment,
+            kind=kind,
+            from_replicas=from_replicas,
+            to_replicas=to_replicas,
+            reason=reason,
+            inputs=inputs,
+            at=now,
+        )
+    )
+
+
+def set_replicas(
+    session: Session,
+    deployment: str,
+    *,
+    expected: int,
+    replicas: int,
+    reason: str,
+    inputs: dict[str, Any],
+    now: float,
+) -> bool:
+    """The autoscaler's write: only if nobody changed the count since it read it."""
+    row = session.get(t.Deployment, deployment, with_for_update=True)
+    if row is None or row.replicas != expected:
+        return False
+    row.replicas, row.updated_at = replicas, now
+    record(session, deployment, "autoscale", expected, replicas, reason, inputs, now)
+    return True
+
+
+def list_events(session: Session, deployment: str, *, limit: int) -> list[wire.ScalingEventInfo]:
+    query = (
+        select(t.ScalingEvent)
+        .where(t.ScalingEvent.deployment == deployment)
+        .order_by(t.ScalingEvent.id.desc())
+        .limit(limit)
+    )
+    return [
+        wire.ScalingEventInfo(
+            id=e.id,
+            deployment=e.deployment,
+            kind=e.kind,
+            from_replicas=e.from_replicas,
+            to_replicas=e.to_replicas,
+            reason=e.reason,
+            inputs=e.inputs,
+            at=e.at,
+        )
+        for e in session.scalars(query)
+    ]
+
+
+@dataclass(slots=True, frozen=True)
+class PreloadTargets:
+    model_path: str
+    replicas: int
+    autoscaled: bool
+    node_urls: dict[str, str]  # the ready nodes, by id
+
+
+def preload_targets(session: Session, deployment: str) -> PreloadTargets | None:
+    row = session.get(t.Deployment, deployment)
+    if row is None:
+        return None
+    model = session.get(t.Model, row.model)
+    if model is None:
+        return None
+    nodes = session.scalars(select(t.Node).where(t.Node.state == NodeState.READY.value))
+    return PreloadTargets(
+        model.path, row.replicas, row.max_replicas is not None, {n.id: n.url for n in nodes}
+    )
