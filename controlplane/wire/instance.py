@@ -41,8 +41,39 @@ class SamplingSpec(Strict):
     priority: int = 0
 
 
+KVTransport = Literal["shm", "stream"]
+
+
+class PrefillOnly(Strict):
+    """Ask a prefill instance for the prompt's KV and first token only (PD disaggregation,
+    docs/pd.md): it runs the prompt, samples one token, exports the prompt's K/V and ends the
+    stream with a `GenerateDone` whose `kv` says where the decode instance finds them."""
+
+    # shm: a file in the node's shared memory (same node); stream: the prefill instance keeps
+    # the bytes and serves them at `GET /kv/{transfer_id}` (any node), until fetched or expired.
+    transport: KVTransport = "shm"
+
+
+class KVHandle(Strict):
+    """Where a prefill's exported K/V wait for the decode instance, and what they are."""
+
+    transfer_id: str = Field(min_length=1)
+    transport: KVTransport
+    location: str  # shm: the file's path on the node; stream: the URL to GET
+    num_tokens: int = Field(ge=1)  # the prompt's tokens, whose K/V these are
+    num_bytes: int = Field(ge=0)
+    first_token_id: int = Field(ge=0)
+    export_s: float = Field(ge=0.0)  # device -> transfer buffer on the prefill instance
+
+
 class GenerateRequest(Strict):
-    """Exactly one of `messages` (chat template applied), `prompt` or `prompt_token_ids`."""
+    """Exactly one of `messages` (chat template applied), `prompt` or `prompt_token_ids`.
+
+    PD disaggregation: `prefill_only` makes this the prefill task; `kv_source` the decode task,
+    which imports the handle's K/V instead of computing the prompt, streams the first token
+    (sampled by the prefill instance) and continues from it. Its prompt must tokenize to the
+    handle's `num_tokens`, else the instance answers 409 `kv_mismatch`; K/V it cannot fetch is a
+    409 `kv_transfer_failed` (the control plane then recomputes)."""
 
     request_id: str = Field(min_length=1)
     messages: list[ChatMessage] | None = None
@@ -50,12 +81,18 @@ class GenerateRequest(Strict):
     prompt_token_ids: list[int] | None = None
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     echo: bool = False
+    prefill_only: PrefillOnly | None = None
+    kv_source: KVHandle | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
         given = [x for x in (self.messages, self.prompt, self.prompt_token_ids) if x is not None]
         if len(given) != 1:
             raise ValueError("exactly one of messages, prompt or prompt_token_ids is required")
+        if self.prefill_only is not None and self.kv_source is not None:
+            raise ValueError("prefill_only and kv_source cannot be given together")
+        if (self.prefill_only or self.kv_source) and (self.sampling.n != 1 or self.echo):
+            raise ValueError("a disaggregated request takes n=1 and no echo")
         return self
 
 
@@ -70,11 +107,23 @@ class GenerateDelta(Open):
     finish_reason: FinishReason | None = None
 
 
+class KVImport(Open):
+    """How a decode instance took a prefill's K/V: bytes, and seconds to fetch them from the
+    transport and to write them into its KV blocks."""
+
+    transport: KVTransport
+    num_bytes: int
+    fetch_s: float
+    import_s: float
+
+
 class GenerateDone(Open):
     type: Literal["done"] = "done"
     prompt_tokens: int
     completion_tokens: int
     prompt_text: str | None = None  # set when the request asked for echo
+    kv: KVHandle | None = None  # a prefill_only request's exported K/V
+    kv_import: KVImport | None = None  # a kv_source request's import
 
 
 class GenerateError(Open):
@@ -99,9 +148,13 @@ class InstanceStartup(Open):
     weights_source: Literal["disk", "dram_cache", "zygote", "cuda_ipc", "device_copy"] | None = None
 
 
+InstanceRole = Literal["colocated", "prefill", "decode"]
+
+
 class InstanceHealth(Open):
     status: Literal["ok", "loading"]
     instance_id: str | None = None
+    role: InstanceRole = "colocated"
     model: str
     max_model_len: int
     num_requests_running: int = 0
