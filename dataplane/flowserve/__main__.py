@@ -32,6 +32,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--instance-id", default=None)
+    parser.add_argument(
+        "--role",
+        choices=["colocated", "prefill", "decode"],
+        default="colocated",
+        help="its group in a PD-disaggregated deployment (reported by /health; docs/pd.md)",
+    )
     parser.add_argument("--model-name", default=None, help="reported name (default: the folder's)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     parser.add_argument("--device", choices=["cpu", "cuda", "npu"], default=None)
@@ -144,7 +150,11 @@ def serve(
 
         load_engine = exporting(load_engine, args.share_weights)
     app = create_app(
-        load_engine, model_name=model_name, instance_id=args.instance_id, startup=startup
+        load_engine,
+        model_name=model_name,
+        instance_id=args.instance_id,
+        startup=startup,
+        role=args.role,
     )
     server = uvicorn.Server(
         uvicorn.Config(

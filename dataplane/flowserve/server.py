@@ -27,7 +27,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from controlplane.wire import ErrorBody, ErrorDetail, GenerateRequest, InstanceHealth
+from controlplane.wire import (
+    ErrorBody,
+    ErrorDetail,
+    GenerateRequest,
+    InstanceHealth,
+    InstanceRole,
+)
 from dataplane.flowserve.driver import EngineDriver, Event
 from dataplane.flowserve.engine import Engine
 from dataplane.flowserve.errors import InvalidRequest, PromptTooLong
@@ -50,6 +56,7 @@ class _Instance:
     model_name: str
     instance_id: str | None
     startup: StartupClock | None = None
+    role: InstanceRole = "colocated"
     in_flight: set[str] = field(default_factory=set)
 
 
@@ -108,6 +115,7 @@ async def health(request: Request) -> Response:
     body = InstanceHealth(
         status="ok",
         instance_id=inst.instance_id,
+        role=inst.role,
         model=inst.model_name,
         max_model_len=inst.engine.max_model_len,
         num_requests_running=inst.driver.num_running,
@@ -190,6 +198,7 @@ def create_app(
     model_name: str,
     instance_id: str | None = None,
     startup: StartupClock | None = None,
+    role: InstanceRole = "colocated",
 ) -> Starlette:
     """`load_engine` runs once at start-up, off the event loop. `startup`, when given, is
     marked ready once the engine runs, and reported by /health."""
@@ -203,7 +212,14 @@ def create_app(
         driver = EngineDriver(engine, metrics)
         metrics.watch(lambda: driver.stats)
         app.state.instance = _Instance(
-            engine, driver, metrics, TokenTexts(engine.tokenizer), model_name, instance_id, startup
+            engine,
+            driver,
+            metrics,
+            TokenTexts(engine.tokenizer),
+            model_name,
+            instance_id,
+            startup,
+            role,
         )
         driver.start()
         if startup is not None:
