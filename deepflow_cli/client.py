@@ -226,19 +226,52 @@ class DeepFlowClient:
         return self._many(DeploymentInfo, "/api/v1/deployments")
 
     def create_deployment(
-        self, name: str, model: str, replicas: int | None = 1, **autoscaling: Any
+        self,
+        name: str,
+        model: str,
+        replicas: int | None = 1,
+        *,
+        mode: str | None = None,
+        prefill_replicas: int | None = None,
+        decode_replicas: int | None = None,
+        **autoscaling: Any,
     ) -> DeploymentInfo:
-        """`autoscaling`: DeploymentCreate's fields (max_replicas turns autoscaling on)."""
-        body = _build(DeploymentCreate, name=name, model=model, replicas=replicas, **autoscaling)
+        """`mode` and the group sizes: docs/pd.md (None leaves them to the control plane);
+        `autoscaling`: DeploymentCreate's fields (max_replicas turns autoscaling on)."""
+        body = _build(
+            DeploymentCreate,
+            name=name,
+            model=model,
+            mode=mode,
+            replicas=replicas,
+            prefill_replicas=prefill_replicas,
+            decode_replicas=decode_replicas,
+            **autoscaling,
+        )
         return self._one(DeploymentInfo, "POST", "/api/v1/deployments", body)
 
     def get_deployment(self, name: str) -> DeploymentInfo:
         return self._one(DeploymentInfo, "GET", f"/api/v1/deployments/{name}")
 
     def update_deployment(
-        self, name: str, *, replicas: int | None = None, **autoscaling: Any
+        self,
+        name: str,
+        *,
+        replicas: int | None = None,
+        prefill_replicas: int | None = None,
+        decode_replicas: int | None = None,
+        mode: str | None = None,
+        **autoscaling: Any,
     ) -> DeploymentInfo:
-        body = _build(DeploymentUpdate, replicas=replicas, **autoscaling)
+        """Change what is given (None leaves it): group sizes, mode, autoscaling settings."""
+        body = _build(
+            DeploymentUpdate,
+            replicas=replicas,
+            prefill_replicas=prefill_replicas,
+            decode_replicas=decode_replicas,
+            mode=mode,
+            **autoscaling,
+        )
         return self._one(DeploymentInfo, "PATCH", f"/api/v1/deployments/{name}", body)
 
     def scaling_events(self, name: str, *, limit: int = 50) -> list[ScalingEventInfo]:

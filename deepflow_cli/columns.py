@@ -5,6 +5,7 @@ from __future__ import annotations
 from controlplane.wire import (
     DeploymentInfo,
     EventInfo,
+    GroupInfo,
     InstanceInfo,
     JobInfo,
     NodeInfo,
@@ -15,8 +16,23 @@ from controlplane.wire import (
 from deepflow_cli.output import Column, clock, count, field, size, when
 
 
-def _ready(d: DeploymentInfo) -> str:
-    return f"{d.ready_replicas}/{d.replicas}"
+def groups_of(d: DeploymentInfo) -> list[GroupInfo]:
+    """Its instance groups (a control plane without groups reports only the colocated one)."""
+    if d.groups:
+        return list(d.groups)
+    return [GroupInfo(role="colocated", replicas=d.replicas, ready_replicas=d.ready_replicas)]
+
+
+def ready(d: DeploymentInfo) -> str:
+    """Ready/desired instances: `1/2` for a colocated deployment, else per group
+    (`prefill 1/1, decode 0/2`)."""
+    if d.mode == "colocated":
+        return f"{d.ready_replicas}/{d.replicas}"
+    return ", ".join(f"{g.role} {g.ready_replicas}/{g.replicas}" for g in groups_of(d))
+
+
+def _event_group(e: ScalingEventInfo) -> str:
+    return e.role or "-"
 
 
 def _scaling(d: DeploymentInfo) -> str:
@@ -84,7 +100,8 @@ MODEL_LIST = MODEL[:5]
 DEPLOYMENT = [
     field("name"),
     field("model"),
-    Column("ready", _ready),
+    field("mode"),
+    Column("ready", ready),
     Column("scaling", _scaling),
     field("created_at", "created", when),
 ]
@@ -92,6 +109,7 @@ DEPLOYMENT = [
 SCALING_EVENT = [
     field("at", fmt=when),
     field("kind"),
+    Column("group", _event_group),
     Column("replicas", _replicas_change),
     Column("load", _load),
     field("reason"),
@@ -119,7 +137,7 @@ INSTANCE = [
     field("registration_s", "registration", seconds),
     Column("request to routed", _to_routed),
 ]
-INSTANCE_LIST = [INSTANCE[i] for i in (0, 1, 3, 11, 5, 6, 8)]
+INSTANCE_LIST = [INSTANCE[i] for i in (0, 1, 3, 4, 11, 5, 6, 8)]
 
 NODE = [
     field("id"),

@@ -1,4 +1,5 @@
-"""SQL of scaling: a deployment's replica settings, and its scaling events."""
+"""SQL of scaling: a deployment's mode, group sizes and autoscaling settings, and its scaling
+events (each change of one group's size, and preloads)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from controlplane import wire
 from controlplane.db import tables as t
 from controlplane.reconcile import autoscale as a
 from controlplane.reconcile.autoscale import AutoscaleConfig
+from controlplane.reconcile.groups import COLOCATED, COUNT_FIELD, roles_of
 from controlplane.reconcile.scaling_spec import ScalingSpec, config_fields
 from controlplane.states import NodeState
 
@@ -34,7 +36,14 @@ def _or(value: float | None, default: float) -> float:
 
 
 def scaling_spec(row: t.Deployment) -> ScalingSpec:
-    return ScalingSpec(row.replicas, autoscale_config(row))
+    return ScalingSpec(
+        row.replicas, autoscale_config(row), row.mode, row.prefill_replicas, row.decode_replicas
+    )
+
+
+def group_counts(row: t.Deployment) -> dict[str, int]:
+    """Every group of the deployment's mode and its desired count."""
+    return {role: getattr(row, COUNT_FIELD[role]) for role in roles_of(row.mode)}
 
 
 def autoscaling_info(row: t.Deployment) -> wire.AutoscalingInfo | None:
@@ -52,7 +61,10 @@ def autoscaling_info(row: t.Deployment) -> wire.AutoscalingInfo | None:
 
 
 def apply_spec(row: t.Deployment, spec: ScalingSpec) -> None:
+    row.mode = spec.mode
     row.replicas = spec.replicas
+    row.prefill_replicas = spec.prefill_replicas
+    row.decode_replicas = spec.decode_replicas
     for name, value in config_fields(spec).items():
         setattr(row, name, value)
 
@@ -66,11 +78,14 @@ def record(
     reason: str,
     inputs: dict[str, Any],
     now: float,
+    role: str | None = None,
 ) -> None:
+    """One scaling event; `role` names the group whose count changed (None: no one group)."""
     session.add(
         t.ScalingEvent(
             deployment=deployment,
             kind=kind,
+            role=role,
             from_replicas=from_replicas,
             to_replicas=to_replicas,
             reason=reason,
@@ -89,13 +104,17 @@ def set_replicas(
     reason: str,
     inputs: dict[str, Any],
     now: float,
+    role: str = COLOCATED,
 ) -> bool:
-    """The autoscaler's write: only if nobody changed the count since it read it."""
+    """The autoscaler's write of one group's count: only if the deployment still has that group
+    and nobody changed its count since the autoscaler read it."""
     row = session.get(t.Deployment, deployment, with_for_update=True)
-    if row is None or row.replicas != expected:
+    column = COUNT_FIELD[role]
+    if row is None or role not in roles_of(row.mode) or getattr(row, column) != expected:
         return False
-    row.replicas, row.updated_at = replicas, now
-    record(session, deployment, "autoscale", expected, replicas, reason, inputs, now)
+    setattr(row, column, replicas)
+    row.updated_at = now
+    record(session, deployment, "autoscale", expected, replicas, reason, inputs, now, role)
     return True
 
 
@@ -111,6 +130,7 @@ def list_events(session: Session, deployment: str, *, limit: int) -> list[wire.S
             id=e.id,
             deployment=e.deployment,
             kind=e.kind,
+            role=e.role,
             from_replicas=e.from_replicas,
             to_replicas=e.to_replicas,
             reason=e.reason,
@@ -124,7 +144,7 @@ def list_events(session: Session, deployment: str, *, limit: int) -> list[wire.S
 @dataclass(slots=True, frozen=True)
 class PreloadTargets:
     model_path: str
-    replicas: int
+    replicas: int  # of all its groups
     autoscaled: bool
     node_urls: dict[str, str]  # the ready nodes, by id
 
@@ -138,5 +158,8 @@ def preload_targets(session: Session, deployment: str) -> PreloadTargets | None:
         return None
     nodes = session.scalars(select(t.Node).where(t.Node.state == NodeState.READY.value))
     return PreloadTargets(
-        model.path, row.replicas, row.max_replicas is not None, {n.id: n.url for n in nodes}
+        model.path,
+        sum(group_counts(row).values()),
+        row.max_replicas is not None,
+        {n.id: n.url for n in nodes},
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,7 +14,8 @@ from controlplane import wire
 from controlplane.db import instance_startup, scaling_store
 from controlplane.db import tables as t
 from controlplane.errors import Conflict, NotFound
-from controlplane.reconcile import scaling_spec
+from controlplane.reconcile import groups, scaling_spec
+from controlplane.reconcile.groups import COLOCATED
 from controlplane.states import (
     FineTuneState,
     InstanceState,
@@ -180,11 +182,18 @@ def instance_info(row: t.Instance) -> wire.InstanceInfo:
 
 def deployment_info(session: Session, row: t.Deployment) -> wire.DeploymentInfo:
     live = list_instances(session, deployment=row.name, live_only=True)
+    ready = Counter(i.role for i in live if i.state == InstanceState.READY)
+    groups = [
+        wire.GroupInfo(role=role, replicas=count, ready_replicas=ready[role])
+        for role, count in scaling_store.group_counts(row).items()
+    ]
     return wire.DeploymentInfo(
         name=row.name,
         model=row.model,
+        mode=row.mode,
         replicas=row.replicas,
-        ready_replicas=sum(1 for i in live if i.state == InstanceState.READY),
+        ready_replicas=ready[COLOCATED],
+        groups=groups,
         created_at=row.created_at,
         instances=live,
         autoscaling=scaling_store.autoscaling_info(row),
@@ -199,7 +208,10 @@ def add_deployment(session: Session, spec: wire.DeploymentCreate, now: float) ->
     row = t.Deployment(
         name=spec.name,
         model=spec.model,
+        mode=scaling.mode,
         replicas=scaling.replicas,
+        prefill_replicas=scaling.prefill_replicas,
+        decode_replicas=scaling.decode_replicas,
         config={},
         created_at=now,
         updated_at=now,
@@ -219,18 +231,24 @@ def get_deployment(session: Session, name: str) -> t.Deployment:
 def update_deployment(
     session: Session, name: str, body: wire.DeploymentUpdate, now: float
 ) -> t.Deployment:
-    """`PATCH`: replicas and autoscaling settings; a change is a manual scaling event."""
+    """`PATCH`: mode, group sizes and autoscaling settings. Each group whose count changes is a
+    manual scaling event of that group; a change of settings alone is one event of no group."""
     row = get_deployment(session, name)
     before = scaling_store.scaling_spec(row)
     after = scaling_spec.for_update(name, before, body)
-    if after != before:
-        scaling_store.apply_spec(row, after)
-        row.updated_at = now
-        inputs = body.model_dump(exclude_none=True)
-        reason = "updated by hand" if after.replicas == before.replicas else "scaled by hand"
-        scaling_store.record(
-            session, name, "manual", before.replicas, after.replicas, reason, inputs, now
-        )
+    if after == before:
+        return row
+    scaling_store.apply_spec(row, after)
+    row.updated_at = now
+    inputs = body.model_dump(exclude_none=True)
+    reason = "scaled by hand" if after.mode == before.mode else f"{before.mode} -> {after.mode}"
+    changed = [r for r in groups.ROLES if after.group(r) != before.group(r)]
+    for role in changed:
+        was, wanted = before.group(role), after.group(role)
+        scaling_store.record(session, name, "manual", was, wanted, reason, inputs, now, role)
+    if not changed:
+        n = after.replicas
+        scaling_store.record(session, name, "manual", n, n, "updated by hand", inputs, now)
     return row
 
 

@@ -58,6 +58,10 @@ class Deployment(Base):
     model: Mapped[str] = mapped_column(MODEL_NAME, ForeignKey("models.name"))
     replicas: Mapped[int] = mapped_column(Integer)  # desired; the autoscaler's when it is on
     config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Its instance groups (reconcile/groups.py): `replicas` is the colocated group's size.
+    mode: Mapped[str] = mapped_column(String(16), server_default="colocated")
+    prefill_replicas: Mapped[int] = mapped_column(Integer, server_default="0")
+    decode_replicas: Mapped[int] = mapped_column(Integer, server_default="0")
     # Autoscaling is on when max_replicas is set (docs/scaling.md, "Autoscaling").
     min_replicas: Mapped[int | None] = mapped_column(Integer)
     max_replicas: Mapped[int | None] = mapped_column(Integer)
@@ -70,8 +74,8 @@ class Deployment(Base):
 
 
 class ScalingEvent(Base):
-    """A change of a deployment's replicas (by the autoscaler or by hand) or a model preload,
-    with the inputs it was decided on."""
+    """A change of one instance group's replicas (by the autoscaler or by hand) or a model
+    preload, with the inputs it was decided on."""
 
     __tablename__ = "scaling_events"
     __table_args__ = (Index("ix_scaling_events_deployment_at", "deployment", "at"),)
@@ -79,6 +83,7 @@ class ScalingEvent(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     deployment: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(16))  # autoscale | manual | preload
+    role: Mapped[str | None] = mapped_column(String(16))  # the group; None: not about one
     from_replicas: Mapped[int] = mapped_column(Integer)
     to_replicas: Mapped[int] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(Text)

@@ -4,8 +4,10 @@
 tick, whether to preload the model on the nodes); `controlplane/reconcile/autoscaler.py` applies
 it. The rules (docs/scaling.md, "Autoscaling"):
 
-- load = requests in flight on the deployment's accepting instances (the control plane's own
-  counts: running plus queued inside the instance) + requests waiting at the activator;
+- load = requests in flight on the accepting instances of the deployment's group being decided
+  (the control plane's own counts: running plus queued inside the instance) + requests waiting
+  for that group at the activator; each group of a deployment (reconcile/groups.py) is decided
+  on its own, with its own state;
 - wanted = ceil(load / target_concurrency), within [min_replicas, max_replicas];
 - the last replica stays until the deployment has had no load for `scale_to_zero_after_s`;
 - from zero (no ready instance and requests waiting): wanted at once, no delay;

@@ -1,8 +1,10 @@
 """Applies the autoscaling policy each reconcile tick, and preloads models on the nodes.
 
-`step` asks `autoscale.decide` about every autoscaled deployment, writes each change of the
-desired replicas together with a scaling event holding the decision's inputs, and returns the new
-counts for the planner, which turns them into Start/Drain/Stop actions. Preloads
+`step` asks `autoscale.decide` about every instance group of every autoscaled deployment (the
+colocated, prefill and decode groups its mode has; reconcile/groups.py), each on that group's own
+load and count, writes each change of a group's desired replicas together with a scaling event of
+that group holding the decision's inputs, and returns the new counts for the planner, which turns
+them into Start/Drain/Stop actions. Preloads
 (`POST {node}/preload`) are best effort, run in the background and are recorded as scaling events
 of kind `preload` with each node's answer.
 """
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 PRELOAD_COOLDOWN_S = 300.0
 PRELOAD_TIMEOUT_S = 5.0
 
+GroupKey = tuple[str, str]  # (deployment, role)
+
 
 class Autoscaler:
     def __init__(
@@ -48,48 +52,57 @@ class Autoscaler:
         self.registry = registry
         self.http = http
         self.clock = clock
-        self._states: dict[str, AutoscaleState] = {}
+        self._states: dict[GroupKey, AutoscaleState] = {}
         self._preloaded_at: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def step(
-        self, configs: Mapping[str, AutoscaleConfig], replicas: Mapping[str, int]
-    ) -> dict[str, int]:
-        """Decide for every autoscaled deployment; returns the counts that changed."""
+        self, configs: Mapping[str, AutoscaleConfig], groups: Mapping[GroupKey, int]
+    ) -> dict[GroupKey, int]:
+        """Decide for every group of every autoscaled deployment (`groups`: each group's desired
+        count, by deployment and role); returns the counts that changed."""
         now = self.clock()
-        changed: dict[str, int] = {}
-        for name in list(self._states):
-            if name not in configs:
-                del self._states[name]
-        for name, config in configs.items():
-            ready, inflight, waiting = self.registry.load_of(name)
+        changed: dict[GroupKey, int] = {}
+        for key in list(self._states):
+            if key not in groups or key[0] not in configs:
+                del self._states[key]
+        for key, current in groups.items():
+            name, role = key
+            config = configs.get(name)
+            if config is None:
+                continue
+            ready, inflight, waiting = self.registry.load_of(name, role)
             ctx = AutoscaleContext(
                 config=config,
-                current=replicas[name],
+                current=current,
                 ready=ready,
                 inflight=inflight,
                 waiting=waiting,
                 now=now,
-                state=self._states.get(name, AutoscaleState()),
+                state=self._states.get(key, AutoscaleState()),
             )
             decision = decide(ctx)
-            self._states[name] = decision.state
+            self._states[key] = decision.state
             if decision.preload and config.max_replicas > 1:
                 self.request_preload(name, "scale-up predicted", zygote=True)
             if decision.replicas == ctx.current:
                 continue
-            if await self._write(name, ctx, decision.replicas, decision.reason):
-                changed[name] = decision.replicas
+            if await self._write(key, ctx, decision.replicas, decision.reason):
+                changed[key] = decision.replicas
                 log.info(
-                    "%s: %d -> %d replicas (%s)",
+                    "%s (%s): %d -> %d replicas (%s)",
                     name,
+                    role,
                     ctx.current,
                     decision.replicas,
                     decision.reason,
                 )
         return changed
 
-    async def _write(self, name: str, ctx: AutoscaleContext, replicas: int, reason: str) -> bool:
+    async def _write(
+        self, key: GroupKey, ctx: AutoscaleContext, replicas: int, reason: str
+    ) -> bool:
+        name, role = key
         recorded = inputs(ctx)
         return await self.db.run(
             lambda s: scaling_store.set_replicas(
@@ -100,6 +113,7 @@ class Autoscaler:
                 reason=reason,
                 inputs=recorded,
                 now=ctx.now,
+                role=role,
             )
         )
 

@@ -1,4 +1,9 @@
-"""Pure planning: from what is desired and what exists, the actions that close the gap."""
+"""Pure planning: from what is desired and what exists, the actions that close the gap.
+
+A deployment is planned group by group (reconcile/groups.py): each role's instances are started
+or drained towards that group's count, and an instance of a group the deployment no longer has
+wants 0, so it drains.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,10 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from controlplane.reconcile.groups import COLOCATED, COUNT_FIELD, ROLES, roles_of
 from controlplane.routing.policy import NodeLoad, pick_node
 from controlplane.states import InstanceState, NodeState
+from controlplane.wire.instance import InstanceRole
 
 # A deployment whose instances failed this often within the window waits before the next start,
 # so a model that cannot load does not spin the node in a crash loop.
@@ -19,7 +26,17 @@ CRASH_LOOP_WINDOW_S = 60.0
 class DeploymentView:
     name: str
     model: str
-    replicas: int
+    replicas: int  # the colocated group; a group the mode does not have is 0
+    prefill_replicas: int = 0
+    decode_replicas: int = 0
+    mode: str = "colocated"
+
+    def desired(self, role: str) -> int:
+        return int(getattr(self, COUNT_FIELD[role]))
+
+    def groups(self) -> dict[str, int]:
+        """Every group of its mode and its desired count."""
+        return {role: self.desired(role) for role in roles_of(self.mode)}
 
 
 @dataclass(slots=True, frozen=True)
@@ -31,6 +48,7 @@ class InstanceView:
     inflight: int
     created_at: float
     updated_at: float
+    role: str = COLOCATED
 
 
 @dataclass(slots=True, frozen=True)
@@ -46,6 +64,7 @@ class StartInstance:
     deployment: str
     model: str
     node_id: str
+    role: InstanceRole = COLOCATED
 
 
 @dataclass(slots=True, frozen=True)
@@ -112,18 +131,26 @@ def plan(
     ready_nodes = [n for n in nodes if n.id not in lost_nodes]
     load = Counter(i.node_id for i in alive if i.node_id is not None)
     for dep in deployments:
-        serving = [i for i in alive if i.deployment == dep.name and i.state in SERVING]
-        gap = dep.replicas - len(serving)
-        if gap > 0 and not _crash_looping(dep.name, instances, now):
-            for _ in range(gap):
-                target = pick_node([NodeLoad(n.id, n.url, load[n.id]) for n in ready_nodes])
-                if target is None:
-                    break
-                load[target.id] += 1
-                actions.append(StartInstance(dep.name, dep.model, target.id))
-        elif gap < 0:
-            for inst in _removal_order(serving)[:-gap]:
-                actions.append(DrainInstance(inst.id, f"scaled to {dep.replicas}"))
+        crash_looping = _crash_looping(dep.name, instances, now)
+        for role in ROLES:
+            group = [
+                i
+                for i in alive
+                if i.deployment == dep.name and i.role == role and i.state in SERVING
+            ]
+            wanted = dep.desired(role)
+            gap = wanted - len(group)
+            if gap > 0 and not crash_looping:
+                for _ in range(gap):
+                    target = pick_node([NodeLoad(n.id, n.url, load[n.id]) for n in ready_nodes])
+                    if target is None:
+                        break
+                    load[target.id] += 1
+                    actions.append(StartInstance(dep.name, dep.model, target.id, role))
+            elif gap < 0:
+                why = f"scaled to {wanted}" if role == COLOCATED else f"{role} scaled to {wanted}"
+                for inst in _removal_order(group)[:-gap]:
+                    actions.append(DrainInstance(inst.id, why))
     return actions
 
 

@@ -12,6 +12,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from sqlalchemy import select
@@ -24,6 +25,7 @@ from controlplane.db.session import Database
 from controlplane.errors import NotFound
 from controlplane.reconcile.autoscale import AutoscaleConfig
 from controlplane.reconcile.autoscaler import Autoscaler
+from controlplane.reconcile.groups import COUNT_FIELD
 from controlplane.reconcile.planner import (
     Action,
     DeploymentView,
@@ -133,14 +135,21 @@ class Reconciler:
             return actions
 
     async def _autoscale(self, snap: Snapshot) -> Snapshot:
-        replicas = {d.name: d.replicas for d in snap.deployments}
-        changed = await self.autoscaler.step(snap.autoscaled, replicas)
+        groups = {
+            (d.name, role): count
+            for d in snap.deployments
+            if d.name in snap.autoscaled
+            for role, count in d.groups().items()
+        }
+        changed = await self.autoscaler.step(snap.autoscaled, groups)
         if not changed:
             return snap
-        deployments = [
-            dataclasses.replace(d, replicas=changed.get(d.name, d.replicas))
-            for d in snap.deployments
-        ]
+        deployments = []
+        for d in snap.deployments:
+            counts: dict[str, Any] = {
+                COUNT_FIELD[role]: n for (name, role), n in changed.items() if name == d.name
+            }
+            deployments.append(dataclasses.replace(d, **counts))
         return dataclasses.replace(snap, deployments=deployments)
 
     def _snapshot(self, session: Session) -> Snapshot:
@@ -151,7 +160,12 @@ class Reconciler:
         nodes = session.scalars(select(t.Node)).all()
         models = session.scalars(select(t.Model)).all()
         return Snapshot(
-            deployments=[DeploymentView(d.name, d.model, d.replicas) for d in deployments],
+            deployments=[
+                DeploymentView(
+                    d.name, d.model, d.replicas, d.prefill_replicas, d.decode_replicas, d.mode
+                )
+                for d in deployments
+            ],
             instances=[
                 InstanceView(
                     r.id,
@@ -161,6 +175,7 @@ class Reconciler:
                     self.registry.inflight_on(r.id),
                     r.created_at,
                     r.updated_at,
+                    r.role,
                 )
                 for r in rows
                 if r.state != InstanceState.FAILED.value or self.clock() - r.updated_at < 120
@@ -177,7 +192,10 @@ class Reconciler:
         )
 
     async def _refresh_registry(self, snap: Snapshot) -> None:
-        await self.registry.set_deployments({d.name: d.model for d in snap.deployments})
+        await self.registry.set_deployments(
+            {d.name: d.model for d in snap.deployments},
+            {d.name: d.mode for d in snap.deployments},
+        )
         ready = [
             ReadyInstance(
                 id=i.id,
@@ -185,6 +203,7 @@ class Reconciler:
                 node_id=i.node_id,
                 url=snap.instance_urls[i.id],
                 accepting=i.state == InstanceState.READY,
+                role=i.role,
             )
             for i in snap.instances
             if i.state in (InstanceState.READY, InstanceState.DRAINING)
@@ -200,8 +219,8 @@ class Reconciler:
     async def _apply(self, action: Action, snap: Snapshot) -> None:
         now = self.clock()
         match action:
-            case StartInstance(deployment, model, node_id):
-                await self._start(deployment, model, node_id, snap)
+            case StartInstance(deployment, model, node_id, role):
+                await self._start(deployment, model, node_id, role, snap)
             case DrainInstance(instance_id, reason):
                 await self._change(instance_id, InstanceState.DRAINING, reason)
             case StopInstance(instance_id, reason):
@@ -224,7 +243,9 @@ class Reconciler:
         except (IllegalTransition, NotFound) as exc:
             log.info("instance %s: %s", instance_id, exc)
 
-    async def _start(self, deployment: str, model: str, node_id: str, snap: Snapshot) -> None:
+    async def _start(
+        self, deployment: str, model: str, node_id: str, role: wire.InstanceRole, snap: Snapshot
+    ) -> None:
         instance_id = f"inst-{uuid.uuid4().hex[:12]}"
         now = self.clock()
         row = t.Instance(
@@ -232,7 +253,7 @@ class Reconciler:
             deployment=deployment,
             model=model,
             node_id=node_id,
-            role="colocated",
+            role=role,
             state=InstanceState.PENDING.value,
             created_at=now,
             updated_at=now,
@@ -240,7 +261,10 @@ class Reconciler:
         created = store.StateChange("instance", instance_id, None, "pending", "scale up", now)
         await self.db.run(lambda s: store.insert_created(s, [row], [created]))
         start = wire.InstanceStart(
-            instance_id=instance_id, model=deployment, model_path=snap.model_paths[model]
+            instance_id=instance_id,
+            model=deployment,
+            model_path=snap.model_paths[model],
+            role=role,
         )
         try:
             reply = await self.http.post(

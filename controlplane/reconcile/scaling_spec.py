@@ -1,11 +1,17 @@
-"""How a deployment's replica settings follow from `deploy`, `scale` and `deployments update`.
+"""How a deployment's mode, group sizes and autoscaling follow from `deploy`, `scale` and
+`deployments update`.
 
 The rule (docs/scaling.md, "Autoscaling"): autoscaling is on when `max_replicas` is set.
-`min_replicas` then defaults to 0, the other knobs to the peers' defaults, and `replicas` is the
-starting count (default: 1 within the bounds, as Knative's initial scale). Without
-`max_replicas` the deployment keeps exactly `replicas` (default 1). On an autoscaled deployment,
-`replicas` (what `deepflow scale` sets) moves the desired count within the bounds; a count
-outside them is refused, and `autoscaling: false` turns autoscaling off.
+`min_replicas` then defaults to 0, the other knobs to the peers' defaults, and each group's count
+is the one it starts from (default: 1 within the bounds, as Knative's initial scale). Without
+`max_replicas` every group keeps exactly its count (default 1). On an autoscaled deployment a
+count (what `deepflow scale` sets) moves that group within the bounds; a count outside them is
+refused, and `autoscaling: false` turns autoscaling off.
+
+The groups (docs/pd.md, "Deployment modes and groups"): the mode says which groups a deployment
+has (`groups.roles_of`); a group it does not have is 0 and may only be given as 0. A mode may
+change only to one that shares a group with it (through auto); a group the new mode adds starts
+at 1 (within the bounds) unless given, and a group it drops goes to 0.
 """
 
 from __future__ import annotations
@@ -17,6 +23,15 @@ from typing import Any
 from controlplane import wire
 from controlplane.errors import InvalidRequest
 from controlplane.reconcile.autoscale import AutoscaleConfig
+from controlplane.reconcile.groups import (
+    COLOCATED,
+    COUNT_FIELD,
+    DECODE,
+    PREFILL,
+    ROLES,
+    roles_of,
+    safe_mode_change,
+)
 
 KNOBS = (
     "min_replicas",
@@ -29,28 +44,91 @@ KNOBS = (
 
 @dataclass(slots=True, frozen=True)
 class ScalingSpec:
-    replicas: int
-    autoscale: AutoscaleConfig | None = None
+    replicas: int  # the colocated group
+    autoscale: AutoscaleConfig | None = None  # the same bounds and knobs for every group
+    mode: str = "colocated"
+    prefill_replicas: int = 0
+    decode_replicas: int = 0
+
+    def group(self, role: str) -> int:
+        return int(getattr(self, COUNT_FIELD[role]))
+
+    def groups(self) -> dict[str, int]:
+        """Every group of the mode and its count."""
+        return {role: self.group(role) for role in roles_of(self.mode)}
 
 
 def for_create(body: wire.DeploymentCreate) -> ScalingSpec:
     if body.max_replicas is None:
         _refuse_knobs_without_max(body)
-        return ScalingSpec(1 if body.replicas is None else body.replicas)
-    config = _config(AutoscaleConfig(max_replicas=body.max_replicas), body)
-    start = config.clamp(1) if body.replicas is None else _within(body.replicas, config, body.name)
-    return ScalingSpec(start, config)
+        config = None
+    else:
+        config = _config(AutoscaleConfig(max_replicas=body.max_replicas), body)
+    counts: dict[str, int] = {
+        role: _count(body, role, body.mode, config, None, body.name) for role in ROLES
+    }
+    return _spec(counts, config, body.mode)
 
 
 def for_update(name: str, current: ScalingSpec, body: wire.DeploymentUpdate) -> ScalingSpec:
+    mode = current.mode if body.mode is None else body.mode
+    if not safe_mode_change(current.mode, mode):
+        raise InvalidRequest(
+            f"deployment {name!r} cannot go from {current.mode} to {mode} at once: the two "
+            f"modes share no instance group, so nothing would serve while the new one starts; "
+            f"change the mode to auto first, then to {mode} once its groups are ready",
+            param="mode",
+            code="unsafe_mode_change",
+        )
+    config = _updated_config(current.autoscale, body)
+    counts: dict[str, int] = {
+        role: _count(body, role, mode, config, current, name) for role in ROLES
+    }
+    return _spec(counts, config, mode)
+
+
+def _spec(counts: dict[str, int], config: AutoscaleConfig | None, mode: str) -> ScalingSpec:
+    return ScalingSpec(counts[COLOCATED], config, mode, counts[PREFILL], counts[DECODE])
+
+
+def _count(
+    body: wire.DeploymentCreate | wire.DeploymentUpdate,
+    role: str,
+    mode: str,
+    config: AutoscaleConfig | None,
+    current: ScalingSpec | None,
+    name: str,
+) -> int:
+    """One group's count: given, kept (a group the deployment already had) or the default."""
+    field = COUNT_FIELD[role]
+    given: int | None = getattr(body, field)
+    if role not in roles_of(mode):
+        if given:
+            raise InvalidRequest(
+                f"a {mode} deployment has no {role} group, so {field} must be left out or 0 "
+                f"(mode auto runs colocated, prefill and decode groups)",
+                param=field,
+                code="group_not_in_mode",
+            )
+        return 0
+    if given is not None:
+        return given if config is None else _within(given, config, name, role)
+    if current is not None and role in roles_of(current.mode):
+        kept = current.group(role)
+        return kept if config is None else config.clamp(kept)
+    return 1 if config is None else config.clamp(1)
+
+
+def _updated_config(
+    base: AutoscaleConfig | None, body: wire.DeploymentUpdate
+) -> AutoscaleConfig | None:
     if body.autoscaling is False:
         if body.max_replicas is not None:
             raise InvalidRequest(
                 "autoscaling: false and max_replicas contradict each other", param="autoscaling"
             )
         _refuse_knobs_without_max(body)
-        return ScalingSpec(current.replicas if body.replicas is None else body.replicas)
-    base = current.autoscale
+        return None
     if base is None:
         if body.max_replicas is None:
             _refuse_knobs_without_max(body)
@@ -58,13 +136,10 @@ def for_update(name: str, current: ScalingSpec, body: wire.DeploymentUpdate) -> 
                 raise InvalidRequest(
                     "turning autoscaling on needs max_replicas", param="max_replicas"
                 )
-            return ScalingSpec(current.replicas if body.replicas is None else body.replicas)
+            return None
         base = AutoscaleConfig(max_replicas=body.max_replicas)
     max_replicas = base.max_replicas if body.max_replicas is None else body.max_replicas
-    config = _config(base, body, max_replicas=max_replicas)
-    if body.replicas is None:
-        return ScalingSpec(config.clamp(current.replicas), config)
-    return ScalingSpec(_within(body.replicas, config, name), config)
+    return _config(base, body, max_replicas=max_replicas)
 
 
 def config_fields(spec: ScalingSpec) -> dict[str, Any]:
@@ -87,14 +162,15 @@ def _config(
         raise InvalidRequest(str(exc), param="min_replicas") from exc
 
 
-def _within(replicas: int, config: AutoscaleConfig, name: str) -> int:
+def _within(replicas: int, config: AutoscaleConfig, name: str, role: str) -> int:
     if config.min_replicas <= replicas <= config.max_replicas:
         return replicas
     bounds = f"between {config.min_replicas} and {config.max_replicas} replicas"
+    count = str(replicas) if role == COLOCATED else f"{replicas} ({role} group)"
     raise InvalidRequest(
         f"deployment {name!r} autoscales {bounds}; "
-        f"{replicas} is outside them: change min_replicas/max_replicas, or turn autoscaling off",
-        param="replicas",
+        f"{count} is outside them: change min_replicas/max_replicas, or turn autoscaling off",
+        param=COUNT_FIELD[role],
         code="replicas_out_of_bounds",
     )
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from controlplane.wire.base import Open, Strict
-from controlplane.wire.instance import InstanceStartup
+from controlplane.wire.instance import InstanceRole, InstanceStartup
 from controlplane.wire.manage import NodeResources
 from controlplane.wire.training import TrainingReport
 
@@ -55,6 +55,7 @@ class InstanceStart(Strict):
     model: str
     model_path: str
     engine_args: dict[str, Any] = Field(default_factory=dict)
+    role: InstanceRole = "colocated"  # its group in the deployment: FlowServe's --role
 
 
 class PreloadStart(Strict):

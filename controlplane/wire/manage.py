@@ -47,15 +47,31 @@ class AutoscalingFields(Strict):
     scale_to_zero_after_s: float | None = Field(default=None, ge=0)  # keep-alive of the last one
 
 
-class DeploymentCreate(AutoscalingFields):
+# How a deployment serves (docs/pd.md, "Deployment modes and groups"): one group of colocated
+# instances; a prefill group and a decode group (PD disaggregation); or all three groups.
+DeploymentMode = Literal["colocated", "disaggregated", "auto"]
+
+
+class GroupFields(AutoscalingFields):
+    """The size of each instance group; a group its mode does not have must be left out or 0.
+    Fixed deployments: the instances (default 1 in each group of the mode); autoscaled ones: the
+    count each group starts from, within the bounds (which apply to every group)."""
+
+    replicas: int | None = Field(default=None, ge=0, le=256)  # the colocated group
+    prefill_replicas: int | None = Field(default=None, ge=0, le=256)
+    decode_replicas: int | None = Field(default=None, ge=0, le=256)
+
+
+class DeploymentCreate(GroupFields):
     name: str = Field(pattern=NAME_PATTERN)
     model: str = Field(pattern=MODEL_NAME_PATTERN)
-    # Fixed deployments: the replicas (default 1); autoscaled ones: the starting count.
-    replicas: int | None = Field(default=None, ge=0, le=256)
+    mode: DeploymentMode = "colocated"
 
 
-class DeploymentUpdate(AutoscalingFields):
-    replicas: int | None = Field(default=None, ge=0, le=256)
+class DeploymentUpdate(GroupFields):
+    # A new mode must share a group with the current one (through auto), so something serves
+    # throughout; the groups it adds start at 1 unless given.
+    mode: DeploymentMode | None = None
     autoscaling: bool | None = None  # false turns autoscaling off
 
 
@@ -69,11 +85,13 @@ class AutoscalingInfo(Open):
 
 
 class ScalingEventInfo(Open):
-    """A change of replicas (kind autoscale or manual) or a model preload, with its inputs."""
+    """A change of one group's replicas (kind autoscale or manual) or a model preload, with its
+    inputs; `role` names the group (None: not about one group, such as a preload)."""
 
     id: int
     deployment: str
     kind: str
+    role: str | None = None
     from_replicas: int
     to_replicas: int
     reason: str
@@ -101,12 +119,22 @@ class InstanceInfo(Open):
     registration_s: float | None = None
 
 
+class GroupInfo(Open):
+    """One instance group of a deployment: its role, desired and ready instances."""
+
+    role: str
+    replicas: int
+    ready_replicas: int
+
+
 class DeploymentInfo(Open):
     name: str
     model: str
-    replicas: int
+    replicas: int  # the colocated group's, as `replicas` sets it
     ready_replicas: int
     created_at: float
+    mode: str = "colocated"
+    groups: list[GroupInfo] = Field(default_factory=list)  # every group of its mode
     instances: list[InstanceInfo] = Field(default_factory=list)
     autoscaling: AutoscalingInfo | None = None  # None: fixed replicas
 

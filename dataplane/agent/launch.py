@@ -18,7 +18,7 @@ CommandFor = Callable[[InstanceStart, int], list[str]]
 INSTANCE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ENGINE_ARG_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 # Flags the agent sets itself; engine_args may not override them.
-RESERVED_FLAGS = frozenset({"model", "port", "host", "instance_id", "model_name"})
+RESERVED_FLAGS = frozenset({"model", "port", "host", "instance_id", "model_name", "role"})
 
 
 def check_start(start: InstanceStart) -> None:
@@ -70,7 +70,9 @@ def engine_flags(engine_args: dict[str, Any]) -> list[str]:
 
 
 def flowserve_command(start: InstanceStart, port: int, host: str = "127.0.0.1") -> list[str]:
-    """The argv of a FlowServe instance: `python -m dataplane.flowserve ...`."""
+    """The argv of a FlowServe instance: `python -m dataplane.flowserve ...`; `--role` only for
+    an instance of a prefill or decode group (colocated is FlowServe's default)."""
+    role = [] if start.role == "colocated" else ["--role", start.role]
     return [
         sys.executable,
         "-m",
@@ -85,5 +87,6 @@ def flowserve_command(start: InstanceStart, port: int, host: str = "127.0.0.1") 
         start.instance_id,
         "--model-name",
         start.model,
+        *role,
         *engine_flags(start.engine_args),
     ]

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from controlplane.wire import InstanceStart
+from controlplane.wire import InstanceRole, InstanceStart
 from dataplane.agent.launch import flowserve_command
 
 Message = dict[str, Any]
@@ -53,6 +53,7 @@ class StartCommand:
     share_socket: str | None = None  # a CUDA instance exports its weights here (cuda_share)
     weights_peer: str | None = None  # ... and a new one on the same GPU takes them from there
     weights_peer_mode: str = "copy"
+    role: InstanceRole = "colocated"
 
     @classmethod
     def of(
@@ -77,6 +78,7 @@ class StartCommand:
             engine_args=dict(start.engine_args),
             torch_threads=torch_threads,
             weights_cache=weights_cache,
+            role=start.role,
         )
 
     def flowserve_argv(self) -> list[str]:
@@ -87,6 +89,7 @@ class StartCommand:
             model=self.model,
             model_path=self.model_path,
             engine_args=self.engine_args,
+            role=self.role,
         )
         argv = flowserve_command(start, self.port, self.host)[3:]  # past `python -m module`
         if self.weights_cache is not None:

@@ -72,3 +72,56 @@ def test_no_ready_instance_is_503_and_records_end_failed(
     assert full["state"] == "failed"
     assert full["jobs"][0]["state"] == "failed"
     assert full["jobs"][0]["tasks"][0]["state"] == "failed"
+
+
+def test_deployment_modes_and_groups(client: TestClient, tiny_model: Path) -> None:
+    client.post("/api/v1/models", json={"name": "tiny", "path": str(tiny_model)})
+
+    def create(**body: object) -> object:
+        return client.post("/api/v1/deployments", json={"model": "tiny", **body})
+
+    pd = create(name="pd", mode="disaggregated", prefill_replicas=0, decode_replicas=0)
+    assert pd.status_code == 201, pd.text
+    info = pd.json()
+    assert info["mode"] == "disaggregated" and info["replicas"] == 0
+    assert info["groups"] == [
+        {"role": "prefill", "replicas": 0, "ready_replicas": 0},
+        {"role": "decode", "replicas": 0, "ready_replicas": 0},
+    ]
+    plain = create(name="plain", replicas=0).json()
+    assert plain["mode"] == "colocated"
+    assert plain["groups"] == [{"role": "colocated", "replicas": 0, "ready_replicas": 0}]
+
+    for body, param in (
+        ({"name": "a", "prefill_replicas": 1}, "prefill_replicas"),
+        ({"name": "b", "mode": "disaggregated", "replicas": 2}, "replicas"),
+        ({"name": "c", "mode": "colocated", "decode_replicas": 1}, "decode_replicas"),
+        ({"name": "e", "mode": "split"}, "mode"),
+        ({"name": "f", "mode": "auto", "prefill_replicas": 257}, "prefill_replicas"),
+        ({"name": "g", "mode": "auto", "max_replicas": 2, "decode_replicas": 3}, "decode_replicas"),
+    ):
+        reply = create(**body)
+        assert reply.status_code == 400, (body, reply.text)
+        assert reply.json()["error"]["param"] == param, reply.text
+    assert [d["name"] for d in client.get("/api/v1/deployments").json()["data"]] == [
+        "pd",
+        "plain",
+    ]
+
+    def patch(name: str, **body: object) -> object:
+        return client.patch(f"/api/v1/deployments/{name}", json=body)
+
+    assert patch("pd", decode_replicas=0).status_code == 200
+    refused = patch("pd", replicas=1)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "group_not_in_mode"
+    unsafe = patch("plain", mode="disaggregated")
+    assert unsafe.status_code == 400
+    assert unsafe.json()["error"]["code"] == "unsafe_mode_change"
+    assert "auto first" in unsafe.json()["error"]["message"]
+    auto = patch("plain", mode="auto", prefill_replicas=0, decode_replicas=0)
+    assert auto.status_code == 200 and auto.json()["mode"] == "auto"
+    assert [g["role"] for g in auto.json()["groups"]] == ["colocated", "prefill", "decode"]
+    back = patch("plain", mode="colocated").json()
+    assert back["mode"] == "colocated" and len(back["groups"]) == 1
+    scaling = client.get("/api/v1/deployments/plain/scaling").json()["data"]
+    assert all(e["role"] is None or e["role"] in ("prefill", "decode") for e in scaling)

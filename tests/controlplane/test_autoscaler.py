@@ -151,7 +151,7 @@ def test_load_above_target_scales_up_after_the_delay_and_preloads(db: Database) 
     async def body(reconciler: Reconciler, registry: Registry) -> None:
         # One ready instance with 7 requests in flight (the store knows of no instance, so the
         # registry's answer is set here rather than through a refresh).
-        registry.load_of = lambda _d: (1, 7, 0)  # type: ignore[method-assign]
+        registry.load_of = lambda _d, _role=None: (1, 7, 0)  # type: ignore[method-assign,assignment]
         await reconciler.tick()
         assert replicas(db) == 1
         await asyncio.gather(*reconciler.autoscaler._tasks)  # the preload runs in the background
@@ -205,3 +205,83 @@ def test_scaling_events_and_settings_round_trip(db: Database) -> None:
     assert replicas(db) == 3
     db.call(lambda s: store.delete_deployment_row(s, "d"))
     assert events(db) == []
+
+
+# -- instance groups: each group scaled on its own load ------------------------------------------
+
+
+def test_each_group_is_scaled_on_its_own_load(db: Database) -> None:
+    clock, node = Clock(), FakeNode()
+    seed(
+        db,
+        clock,
+        mode="disaggregated",
+        max_replicas=3,
+        prefill_replicas=0,
+        decode_replicas=0,
+        upscale_delay_s=30,
+    )
+
+    async def body(reconciler: Reconciler, registry: Registry) -> None:
+        await reconciler.tick()
+        waiter = asyncio.create_task(registry.acquire("d", timeout=30.0, role="prefill"))
+        await asyncio.sleep(0.05)
+        await reconciler.tick()  # the activator: only the prefill group scales from zero
+        waiter.cancel()
+        assert groups(db) == {"prefill": 1, "decode": 0}
+        (start,) = node.calls("POST", "/instances")
+        assert start is not None and start["role"] == "prefill"
+
+        loads: dict[str | None, tuple[int, int, int]] = {"prefill": (1, 0, 0), "decode": (1, 7, 0)}
+        registry.load_of = lambda _d, role=None: loads[role]  # type: ignore[method-assign,assignment]
+        await reconciler.tick()
+        clock.now += 30
+        await reconciler.tick()
+        assert groups(db) == {"prefill": 1, "decode": 3}  # decode up; prefill kept alive
+
+    scenario(db, clock, node, body)
+    decisions = [e for e in events(db) if e.kind == "autoscale"]
+    assert [(e.role, e.from_replicas, e.to_replicas) for e in decisions] == [
+        ("prefill", 0, 1),
+        ("decode", 0, 3),
+    ]
+    first, second = decisions
+    assert first.reason.startswith("scale from zero") and first.inputs["waiting"] == 1
+    assert second.inputs["load"] == 7 and second.inputs["current"] == 0
+    rows = db.call(lambda s: s.scalars(select(t.Instance)).all())
+    assert sorted(r.role for r in rows) == ["decode", "decode", "decode", "prefill"]
+
+
+def test_scaling_one_group_by_hand_records_that_group_only(db: Database) -> None:
+    clock = Clock()
+    seed(db, clock, mode="auto")
+
+    def scale(s: Session) -> None:
+        body = wire.DeploymentUpdate(decode_replicas=2, prefill_replicas=1)
+        store.update_deployment(s, "d", body, clock.now)
+
+    db.call(scale)
+    assert groups(db) == {"colocated": 1, "prefill": 1, "decode": 2}
+    (manual,) = events(db)
+    assert (manual.kind, manual.role, manual.from_replicas, manual.to_replicas) == (
+        "manual",
+        "decode",
+        1,
+        2,
+    )
+    assert not db.call(
+        lambda s: scaling_store.set_replicas(
+            s, "d", expected=1, replicas=3, reason="stale", inputs={}, now=1.0, role="decode"
+        )
+    )
+    assert db.call(
+        lambda s: scaling_store.set_replicas(
+            s, "d", expected=1, replicas=0, reason="idle", inputs={}, now=1.0, role="prefill"
+        )
+    )
+    assert groups(db) == {"colocated": 1, "prefill": 0, "decode": 2}
+
+
+def groups(db: Database) -> dict[str, int]:
+    info = db.call(lambda s: store.deployment_info(s, store.get_deployment(s, "d")))
+    return {g.role: g.replicas for g in info.groups}

@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 from alembic import command
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect, select, text
 
 from controlplane import wire
-from controlplane.db import store
+from controlplane.db import scaling_store, store
 from controlplane.db import tables as t
 from controlplane.db.recorder import Recorder, Tracked
 from controlplane.db.session import Database, alembic_config
@@ -209,3 +209,92 @@ def test_models_and_deployments(db: Database) -> None:
     db.call(lambda s: store.delete_deployment_row(s, "d"))
     db.call(lambda s: store.delete_model(s, "m"))
     assert db.call(lambda s: s.scalars(select(t.Model)).all()) == []
+
+
+def test_groups_migration_keeps_existing_deployments_colocated(database_url: str) -> None:
+    database = Database(database_url)
+    cfg = alembic_config(database.engine)
+    command.upgrade(cfg, "5c2e9a7d41b3")
+    with database.engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO models (name, path, source, created_at) VALUES ('m', '/m', 'x', 1)")
+        )
+        conn.execute(
+            text(
+                "INSERT INTO deployments (name, model, replicas, config, created_at, updated_at) "
+                "VALUES ('d', 'm', 2, '{}', 1, 1)"
+            )
+        )
+        for kind in ("manual", "preload"):
+            conn.execute(
+                text(
+                    "INSERT INTO scaling_events (deployment, kind, from_replicas, to_replicas, "
+                    "reason, inputs, at) VALUES ('d', :kind, 1, 2, 'r', '{}', 1)"
+                ),
+                {"kind": kind},
+            )
+    command.upgrade(cfg, "df6ff830d4b1")
+    with database.sessions() as session:
+        row = store.get_deployment(session, "d")
+        assert (row.mode, row.replicas, row.prefill_replicas, row.decode_replicas) == (
+            "colocated",
+            2,
+            0,
+            0,
+        )
+        roles = session.scalars(select(t.ScalingEvent.role).order_by(t.ScalingEvent.id)).all()
+        assert roles == ["colocated", None]
+    command.downgrade(cfg, "5c2e9a7d41b3")
+    columns = {c["name"] for c in inspect(database.engine).get_columns("deployments")}
+    assert "mode" not in columns and "replicas" in columns
+    database.dispose()
+
+
+def test_deployment_groups_and_their_ready_counts(db: Database) -> None:
+    def setup(s) -> None:
+        store.add_model(s, t.Model(name="m", path="/x", source="import", created_at=1.0))
+        spec = wire.DeploymentCreate(name="d", model="m", mode="auto", decode_replicas=2)
+        store.add_deployment(s, spec, 1.0)
+        for iid, role, state in (
+            ("c1", "colocated", "ready"),
+            ("p1", "prefill", "starting"),
+            ("d1", "decode", "ready"),
+            ("d2", "decode", "ready"),
+            ("d3", "decode", "stopped"),
+        ):
+            s.add(
+                t.Instance(
+                    id=iid,
+                    deployment="d",
+                    model="m",
+                    role=role,
+                    state=state,
+                    created_at=1.0,
+                    updated_at=1.0,
+                )
+            )
+
+    db.call(setup)
+    info = db.call(lambda s: store.deployment_info(s, store.get_deployment(s, "d")))
+    assert info.mode == "auto" and (info.replicas, info.ready_replicas) == (1, 1)
+    assert [(g.role, g.replicas, g.ready_replicas) for g in info.groups] == [
+        ("colocated", 1, 1),
+        ("prefill", 1, 0),
+        ("decode", 2, 2),
+    ]
+    assert {i.role for i in info.instances} == {"colocated", "prefill", "decode"}
+
+    db.call(
+        lambda s: store.update_deployment(
+            s, "d", wire.DeploymentUpdate(mode="disaggregated", prefill_replicas=3), 2.0
+        )
+    )
+    info = db.call(lambda s: store.deployment_info(s, store.get_deployment(s, "d")))
+    assert info.mode == "disaggregated" and info.replicas == 0
+    assert [(g.role, g.replicas) for g in info.groups] == [("prefill", 3), ("decode", 2)]
+    events = db.call(lambda s: scaling_store.list_events(s, "d", limit=10))
+    assert sorted((e.role, e.from_replicas, e.to_replicas) for e in events) == [
+        ("colocated", 1, 0),
+        ("prefill", 1, 3),
+    ]
+    assert all(e.reason == "auto -> disaggregated" for e in events)

@@ -73,3 +73,18 @@ def test_instance_id_must_be_a_file_name(bad: str) -> None:
 
 def test_instance_id_ok() -> None:
     check_instance_id("dep-a.0_1")
+
+
+def test_the_role_reaches_flowserve_on_every_path() -> None:
+    from dataplane.flowserve.__main__ import parse_args
+    from dataplane.scaleout.protocol import StartCommand
+
+    start = make_start("inst-p", "qwen").model_copy(update={"role": "prefill"})
+    argv = flowserve_command(start, 9000)
+    assert argv[argv.index("--role") + 1] == "prefill"
+    assert "--role" not in flowserve_command(make_start("inst-c", "qwen"), 9000)  # colocated
+    command = StartCommand.of(start, 9000, host="127.0.0.1", log_path="/l", requested_at=1.0)
+    assert StartCommand.from_json(command.to_json()) == command
+    assert parse_args(command.flowserve_argv()).role == "prefill"
+    with pytest.raises(InvalidStart):
+        engine_flags({"role": "decode"})  # set by the agent from the start request
