@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import httpx
+from sqlalchemy.orm import Session
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -19,13 +20,16 @@ from controlplane.api.files import FilesRoutes
 from controlplane.api.fine_tuning import FineTuningRoutes
 from controlplane.api.manage import ManageRoutes
 from controlplane.api.openai import OpenAIRoutes
-from controlplane.db import store
+from controlplane.api.pd import PDRoutes
+from controlplane.db import pd_store, store
 from controlplane.db.recorder import Recorder
 from controlplane.db.session import Database
 from controlplane.jobs.chat import ChatExecutor
 from controlplane.jobs.fine_tune import FineTuneExecutor
+from controlplane.jobs.pd import PolicyBook, PolicyInputs
 from controlplane.reconcile.reconciler import Reconciler
 from controlplane.registry import Registry
+from controlplane.routing.dist_sched import RouterThresholds
 from controlplane.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -60,6 +64,20 @@ def create_app(
         interval_s=settings.reconcile_interval_s,
         node_timeout_s=settings.node_timeout_s,
     )
+
+    async def policy_inputs(deployment: str) -> PolicyInputs:
+        def read(s: Session) -> PolicyInputs:
+            profile = pd_store.latest_profile(s, deployment)
+            history = pd_store.request_history(s, deployment)
+            return PolicyInputs(profile.heatmap if profile else None, history)
+
+        return await db.run(read)
+
+    thresholds = RouterThresholds(
+        cache_threshold=settings.router_cache_threshold,
+        balance_abs_threshold=settings.router_balance_abs_threshold,
+        balance_rel_threshold=settings.router_balance_rel_threshold,
+    )
     executor = ChatExecutor(
         registry=registry,
         recorder=recorder,
@@ -67,6 +85,13 @@ def create_app(
         clock=clock,
         dispatch_timeout_s=settings.dispatch_timeout_s,
         max_inflight_requests=settings.max_inflight_requests,
+        policies=PolicyBook(
+            policy_inputs,
+            thresholds=thresholds,
+            refresh_s=settings.pd_policy_refresh_s,
+            clock=clock,
+        ),
+        prefill_timeout_s=settings.prefill_timeout_s,
     )
     fine_tunes = FineTuneExecutor(settings=settings, db=db, http=http, clock=clock)
     manage = ManageRoutes(
@@ -79,6 +104,7 @@ def create_app(
         on_training_heartbeat=fine_tunes.heartbeat,
     )
     openai = OpenAIRoutes(executor, settings.max_body_bytes, db)
+    pd = PDRoutes(db=db, executor=executor, clock=clock)
     files = FilesRoutes(settings=settings, db=db, clock=clock)
     fine_tuning = FineTuningRoutes(
         executor=fine_tunes, db=db, max_body_bytes=settings.max_body_bytes
@@ -111,6 +137,7 @@ def create_app(
         *files.routes(),
         *fine_tuning.routes(),
         *manage.routes(),
+        *pd.routes(),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
     app.state.db = db

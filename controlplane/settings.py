@@ -47,6 +47,14 @@ class Settings:
     training_queue_timeout_s: float = 3600.0
     # How often in-flight trainings are checked for silence and lost nodes.
     training_watch_interval_s: float = 2.0
+    # PD deployments (docs/pd.md): a prefill task that has not handed its K/V over in this long
+    # is retried on another instance; the scheduler relearns a deployment's policy (heatmap,
+    # decode-length predictor) this often; SGLang's cache-aware thresholds inside a group.
+    prefill_timeout_s: float = 60.0
+    pd_policy_refresh_s: float = 30.0
+    router_cache_threshold: float = 0.3
+    router_balance_abs_threshold: int = 64
+    router_balance_rel_threshold: float = 1.5
 
     @property
     def files_dir(self) -> Path:

@@ -40,6 +40,8 @@ from controlplane.wire import (
     ModelInfo,
     NodeInfo,
     Page,
+    PDProfileCreate,
+    PDProfileInfo,
     PlatformStatus,
     RequestInfo,
     ScalingEventInfo,
@@ -277,6 +279,15 @@ class DeepFlowClient:
     def scaling_events(self, name: str, *, limit: int = 50) -> list[ScalingEventInfo]:
         path = f"/api/v1/deployments/{name}/scaling"
         return self._many(ScalingEventInfo, path, {"limit": limit})
+
+    def get_pd_profile(self, name: str) -> PDProfileInfo:
+        return self._one(PDProfileInfo, "GET", f"/api/v1/deployments/{name}/pd-profile")
+
+    def create_pd_profile(self, name: str, body: PDProfileCreate) -> PDProfileInfo:
+        """Runs the profile: minutes on a slow machine, so no read timeout."""
+        path = f"/api/v1/deployments/{name}/pd-profile"
+        timeout = httpx.Timeout(10.0, read=None)
+        return self._one(PDProfileInfo, "POST", path, body, timeout=timeout)
 
     def delete_deployment(self, name: str) -> DeploymentInfo:
         return self._one(DeploymentInfo, "DELETE", f"/api/v1/deployments/{name}")

@@ -8,7 +8,16 @@ from __future__ import annotations
 import typer
 
 from deepflow_cli.client import DeepFlowClient
-from deepflow_cli.commands import chat, deployments, files, finetune, models, platform, records
+from deepflow_cli.commands import (
+    chat,
+    deployments,
+    files,
+    finetune,
+    models,
+    platform,
+    profile,
+    records,
+)
 from deepflow_cli.context import AppState, ClientFactory
 from deepflow_cli.options import UrlOpt
 
@@ -41,6 +50,7 @@ app.add_typer(records.nodes_app, name="nodes")
 app.add_typer(records.instances_app, name="instances")
 app.add_typer(files.app, name="files")
 app.add_typer(finetune.app, name="finetune")
+app.add_typer(profile.app, name="profile")
 
 
 def main() -> None:

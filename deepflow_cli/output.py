@@ -122,10 +122,10 @@ def render(
         table.add_column(overflow="fold")
         for column in columns:
             table.add_row(column.header, Text(str(column.value(data))))
-    _print_table(table)
+    print_table(table)
 
 
-def _print_table(table: Table) -> None:
+def print_table(table: Table) -> None:
     if stdout.is_terminal:
         stdout.print(table)
         return

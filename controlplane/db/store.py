@@ -349,6 +349,9 @@ def task_info(session: Session, row: t.Task, *, with_events: bool) -> wire.TaskI
         started_at=row.started_at,
         finished_at=row.finished_at,
         error=row.error,
+        kv_transport=row.kv_transport,
+        kv_bytes=row.kv_bytes,
+        kv_transfer_s=row.kv_transfer_s,
         events=events_of(session, "task", row.id) if with_events else [],
     )
 
@@ -366,6 +369,7 @@ def job_info(session: Session, row: t.Job, *, with_children: bool) -> wire.JobIn
         created_at=row.created_at,
         finished_at=row.finished_at,
         error=row.error,
+        schedule=row.schedule,
         tasks=tasks,
         events=events_of(session, "job", row.id) if with_children else [],
     )
@@ -383,6 +387,7 @@ def request_info(session: Session, row: t.Request, *, with_children: bool) -> wi
         state=row.state,
         prompt_tokens=row.prompt_tokens,
         completion_tokens=row.completion_tokens,
+        prompt_chars=row.prompt_chars,
         created_at=row.created_at,
         finished_at=row.finished_at,
         error=row.error,

@@ -136,6 +136,8 @@ class Request(Base):
     state: Mapped[str] = mapped_column(String(32))
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    # The prompt's length as the router sees it (text), for learning chars per token.
+    prompt_chars: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float)
@@ -149,6 +151,8 @@ class Job(Base):
     kind: Mapped[str] = mapped_column(String(32))
     state: Mapped[str] = mapped_column(String(32))
     error: Mapped[str | None] = mapped_column(Text)
+    # A chat job's routing decision on a PD deployment: mode, instances, and every input.
+    schedule: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float)
 
@@ -166,6 +170,25 @@ class Task(Base):
     created_at: Mapped[float] = mapped_column(Float)
     started_at: Mapped[float | None] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float)
+    # A PD pair's K/V hand-off: on the prefill task its export, on the decode task its fetch
+    # and import (docs/pd.md).
+    kv_transport: Mapped[str | None] = mapped_column(String(16))
+    kv_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    kv_transfer_s: Mapped[float | None] = mapped_column(Float)
+
+
+class PDProfile(Base):
+    """A measured PD heatmap of a deployment (`deepflow profile pd`); the newest one routes."""
+
+    __tablename__ = "pd_profiles"
+    __table_args__ = (Index("ix_pd_profiles_deployment_created", "deployment", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    deployment: Mapped[str] = mapped_column(String(64))
+    heatmap: Mapped[dict[str, Any]] = mapped_column(JSON)
+    num_measurements: Mapped[int] = mapped_column(Integer)
+    duration_s: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
 
 
 class Event(Base):

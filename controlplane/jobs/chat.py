@@ -1,13 +1,16 @@
-"""The chat job executor: request -> one chat job -> one colocated task on a FlowServe instance.
+"""The chat job executor: request -> one chat job -> one colocated task on a FlowServe instance,
+or two tasks (prefill, then decode) on a disaggregated pair (docs/pd.md).
 
 `ChatExecutor.start` writes the records, waits for a ready instance (the 503 path), dispatches the
-task over HTTP and returns a `ChatRun`; the API edge iterates `ChatRun.events()` and always calls
-`ChatRun.close()`, which settles every record that is still in flight (a client that went away
-cancels, an instance that failed fails) and releases the instance.
+task(s) over HTTP and returns a `ChatRun` streaming from the colocated or decode instance; the API
+edge iterates `ChatRun.events()` and always calls `ChatRun.close()`, which settles every record
+that is still in flight (a client that went away cancels, an instance that failed fails) and
+releases the instance.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -28,7 +31,24 @@ from controlplane.errors import (
     Unavailable,
     UpstreamFailed,
 )
+from controlplane.jobs.pd import (
+    PolicyBook,
+    PrefillFailed,
+    drop_transfer,
+    prompt_text,
+    run_prefill,
+    sched_request,
+)
 from controlplane.registry import Registry
+from controlplane.routing.dist_sched import (
+    Decision,
+    Groups,
+    RouterThresholds,
+    SchedPolicy,
+    SchedRequest,
+    schedule,
+)
+from controlplane.routing.pd_heatmap import Mode
 from controlplane.routing.policy import InstanceLoad
 from controlplane.states import JobKind, JobState, RequestKind, RequestState, TaskKind, TaskState
 
@@ -49,6 +69,8 @@ class ChatSpec:
     deployment: str
     kind: RequestKind
     generate: wire.GenerateRequest
+    # Force a mode on a PD deployment (the PD profiler measures each); None: the scheduler picks.
+    pd_mode: Mode | None = None
 
 
 @dataclass(slots=True)
@@ -120,7 +142,11 @@ class ChatRun:
             RequestState.CANCELLED: TaskState.CANCELLED,
         }[outcome]
         job_state = JobState(task_state.value)
-        rec.move(self.task, task_state, reason, finished_at=now, error=error)
+        kv = self.usage.kv_import if self.usage is not None else None
+        transfer = (
+            {} if kv is None else kv_fields(kv.transport, kv.num_bytes, kv.fetch_s + kv.import_s)
+        )
+        rec.move(self.task, task_state, reason, finished_at=now, error=error, **transfer)
         rec.move(self.job, job_state, reason, finished_at=now, error=error)
         prompt_tokens = self.usage.prompt_tokens if self.usage else None
         rec.move(
@@ -134,6 +160,23 @@ class ChatRun:
         )
 
 
+class KVUnusable(Exception):
+    """The decode instance could not take the prefill's K/V (fetch failed, or a mismatch)."""
+
+
+def kv_fields(transport: str, num_bytes: int, seconds: float) -> dict[str, object]:
+    return {"kv_transport": transport, "kv_bytes": num_bytes, "kv_transfer_s": seconds}
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """The records of one request being dispatched: settled together if dispatch fails."""
+
+    request: Tracked
+    job: Tracked
+    tasks: list[Tracked] = field(default_factory=list)
+
+
 class ChatExecutor:
     def __init__(
         self,
@@ -144,6 +187,8 @@ class ChatExecutor:
         clock: Callable[[], float],
         dispatch_timeout_s: float,
         max_inflight_requests: int,
+        policies: PolicyBook | None = None,
+        prefill_timeout_s: float = 120.0,
     ) -> None:
         self.registry = registry
         self.recorder = recorder
@@ -151,6 +196,10 @@ class ChatExecutor:
         self.clock = clock
         self.dispatch_timeout_s = dispatch_timeout_s
         self.max_inflight_requests = max_inflight_requests
+        self.policies = policies or PolicyBook(
+            None, thresholds=RouterThresholds(), refresh_s=30.0, clock=clock
+        )
+        self.prefill_timeout_s = prefill_timeout_s
 
     async def start(self, spec: ChatSpec) -> ChatRun:
         if not self.registry.has_deployment(spec.deployment):
@@ -161,22 +210,23 @@ class ChatExecutor:
             )
         if self.registry.inflight_requests >= self.max_inflight_requests:
             raise Overloaded("too many requests in flight; retry later", code="overloaded")
-        request, job, task = self._create_records(spec)
+        attempt = self._create_records(spec)
         self.registry.inflight_requests += 1
         try:
-            return await self._dispatch(spec, request, job, task)
+            if self.registry.mode_of(spec.deployment) == "colocated" and spec.pd_mode is None:
+                return await self._dispatch(spec, attempt)
+            return await self._dispatch_pd(spec, attempt)
         except BaseException as exc:
             self.registry.inflight_requests -= 1
             error = exc.message if isinstance(exc, DeepFlowError) else repr(exc)
             outcome = RequestState.FAILED if isinstance(exc, Exception) else RequestState.CANCELLED
-            self._settle_unstarted(request, job, task, outcome, error)
+            self._settle_unstarted(attempt, outcome, error)
             raise
 
-    def _create_records(self, spec: ChatSpec) -> tuple[Tracked, Tracked, Tracked]:
+    def _create_records(self, spec: ChatSpec) -> _Attempt:
         now = self.clock()
         request = Tracked("request", spec.generate.request_id, RequestState.QUEUED)
         job = Tracked("job", new_id("job"), JobState.PENDING)
-        task = Tracked("task", new_id("task"), TaskState.PENDING)
         job_kind = JobKind.CHAT if spec.kind == RequestKind.CHAT_COMPLETION else JobKind.COMPLETION
         rows: list[t.Base] = [
             t.Request(
@@ -185,6 +235,7 @@ class ChatExecutor:
                 deployment=spec.deployment,
                 state=request.state.value,
                 created_at=now,
+                prompt_chars=len(prompt_text(spec.generate)),
             ),
             t.Job(
                 id=job.id,
@@ -193,20 +244,55 @@ class ChatExecutor:
                 state=job.state.value,
                 created_at=now,
             ),
-            t.Task(
-                id=task.id,
-                job_id=job.id,
-                kind=TaskKind.COLOCATED.value,
-                state=task.state.value,
-                created_at=now,
-            ),
         ]
-        self.recorder.create(rows, [request, job, task], "accepted")
-        return request, job, task
+        self.recorder.create(rows, [request, job], "accepted")
+        return _Attempt(request, job)
 
-    async def _dispatch(
-        self, spec: ChatSpec, request: Tracked, job: Tracked, task: Tracked
+    def _new_task(self, attempt: _Attempt, kind: TaskKind, reason: str) -> Tracked:
+        task = Tracked("task", new_id("task"), TaskState.PENDING)
+        row = t.Task(
+            id=task.id,
+            job_id=attempt.job.id,
+            kind=kind.value,
+            state=task.state.value,
+            created_at=self.clock(),
+        )
+        self.recorder.create([row], [task], reason)
+        attempt.tasks.append(task)
+        return task
+
+    def _dispatched(
+        self, attempt: _Attempt, task: Tracked, instance: InstanceLoad, **fields: object
+    ) -> None:
+        now = self.clock()
+        self.recorder.move(
+            task,
+            TaskState.DISPATCHED,
+            f"dispatched to {instance.id}",
+            instance_id=instance.id,
+            node_id=instance.node_id,
+            started_at=now,
+        )
+        self.recorder.move(attempt.job, JobState.RUNNING, "task dispatched", **fields)
+        self.recorder.move(attempt.request, RequestState.RUNNING, "job running")
+
+    def _run(
+        self,
+        spec: ChatSpec,
+        attempt: _Attempt,
+        task: Tracked,
+        instance: InstanceLoad,
+        r: httpx.Response,
     ) -> ChatRun:
+        created = int(self.clock())
+        return ChatRun(
+            self, attempt.request, attempt.job, task, instance, r, spec.deployment, created
+        )
+
+    # -- one colocated task ---------------------------------------------------------------------
+
+    async def _dispatch(self, spec: ChatSpec, attempt: _Attempt) -> ChatRun:
+        task = self._new_task(attempt, TaskKind.COLOCATED, "accepted")
         tried: set[str] = set()
         last_error = "no ready instance"
         for _ in range(MAX_DISPATCH_ATTEMPTS):
@@ -227,24 +313,209 @@ class ChatExecutor:
             except BaseException:
                 self.registry.release(instance.id)
                 raise
-            now = self.clock()
-            self.recorder.move(
-                task,
-                TaskState.DISPATCHED,
-                f"dispatched to {instance.id}",
-                instance_id=instance.id,
-                node_id=instance.node_id,
-                started_at=now,
-            )
-            self.recorder.move(job, JobState.RUNNING, "task dispatched")
-            self.recorder.move(request, RequestState.RUNNING, "job running")
-            return ChatRun(self, request, job, task, instance, response, spec.deployment, int(now))
+            self._dispatched(attempt, task, instance)
+            return self._run(spec, attempt, task, instance, response)
         raise Unavailable(
             f"deployment {spec.deployment!r} has no ready instance ({last_error}); retry later",
             code="no_ready_instance",
         )
 
+    # -- a PD deployment: the scheduler picks colocated or a prefill/decode pair ----------------
+
+    async def _dispatch_pd(self, spec: ChatSpec, attempt: _Attempt) -> ChatRun:
+        text = prompt_text(spec.generate)
+        request = sched_request(spec.generate, text)
+        mode = self.registry.mode_of(spec.deployment)
+        default: Mode = "disaggregated" if mode == "disaggregated" else "colocated"
+        policy = self.policies.policy(spec.deployment, default)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.dispatch_timeout_s
+        tried: set[str] = set()
+        last_error = "no ready instance"
+        for _ in range(MAX_DISPATCH_ATTEMPTS):
+            decision = await self._decide(spec, request, text, policy, frozenset(tried), deadline)
+            if decision is None:
+                break
+            if decision.mode == "colocated":
+                assert decision.instance is not None
+                task = self._new_task(attempt, TaskKind.COLOCATED, "scheduled: colocated")
+                run = await self._try_colocated(spec, attempt, task, decision)
+                if run is not None:
+                    return run
+                tried.add(decision.instance.id)
+                last_error = f"instance {decision.instance.id} unreachable"
+                continue
+            assert decision.prefill is not None and decision.decode is not None
+            prefill_task = self._new_task(attempt, TaskKind.PREFILL, "scheduled: disaggregated")
+            try:
+                handle = await self._prefill(spec, attempt, prefill_task, decision)
+            except PrefillFailed as exc:
+                self.registry.release(decision.decode.id)
+                if not exc.retry:
+                    if exc.status is not None and 400 <= exc.status < 500:
+                        raise InvalidRequest(exc.message) from exc
+                    raise UpstreamFailed(exc.message, code="prefill_failed") from exc
+                tried.add(decision.prefill.id)
+                last_error = exc.message
+                log.warning(last_error)
+                continue
+            return await self._decode(spec, attempt, decision, handle, tried)
+        raise Unavailable(
+            f"deployment {spec.deployment!r} has no ready instance ({last_error}); retry later",
+            code="no_ready_instance",
+        )
+
+    async def _decide(
+        self,
+        spec: ChatSpec,
+        request: SchedRequest,
+        text: str,
+        policy: SchedPolicy,
+        exclude: frozenset[str],
+        deadline: float,
+    ) -> Decision | None:
+        """Schedule on the ready instances, waiting (the activator) while no group can take the
+        request; the chosen instances are claimed. None when the deadline passed first."""
+        deployment = spec.deployment
+        while True:
+            roles = self._allowed_roles(spec)
+            groups = Groups(
+                colocated=self.registry.candidates(deployment, "colocated")
+                if "colocated" in roles
+                else (),
+                prefill=self.registry.candidates(deployment, "prefill")
+                if "prefill" in roles
+                else (),
+                decode=self.registry.candidates(deployment, "decode") if "decode" in roles else (),
+            )
+            matches = self.policies.matches(deployment, text)
+            decision = schedule(request, groups, matches, policy, exclude)
+            if decision.routed and self.registry.claim(decision.instance_ids):
+                chosen = decision.instance if decision.mode == "colocated" else decision.prefill
+                assert chosen is not None
+                self.policies.remember(deployment, chosen.id, text)
+                return decision
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0 or not await self.registry.wait_for_change(deployment, remaining):
+                return None
+
+    @staticmethod
+    def _allowed_roles(spec: ChatSpec) -> frozenset[str]:
+        if spec.pd_mode == "colocated":
+            return frozenset({"colocated"})
+        if spec.pd_mode == "disaggregated":
+            return frozenset({"prefill", "decode"})
+        return frozenset({"colocated", "prefill", "decode"})
+
+    async def _try_colocated(
+        self, spec: ChatSpec, attempt: _Attempt, task: Tracked, decision: Decision
+    ) -> ChatRun | None:
+        instance = decision.instance
+        assert instance is not None
+        try:
+            response = await self._send(instance, spec.generate)
+        except httpx.TransportError as exc:
+            self.registry.release(instance.id)
+            error = f"instance {instance.id} unreachable: {exc.__class__.__name__}"
+            self.recorder.move(task, TaskState.FAILED, error, finished_at=self.clock(), error=error)
+            return None
+        except BaseException:
+            self.registry.release(instance.id)
+            raise
+        self._dispatched(attempt, task, instance, schedule=decision.record)
+        return self._run(spec, attempt, task, instance, response)
+
+    async def _prefill(
+        self, spec: ChatSpec, attempt: _Attempt, task: Tracked, decision: Decision
+    ) -> wire.KVHandle:
+        """The prefill task: K/V and first token from the prefill instance. Raises PrefillFailed
+        with the task failed; a cancel leaves the task for `start` to settle."""
+        prefill, decode = decision.prefill, decision.decode
+        assert prefill is not None and decode is not None
+        transport: wire.KVTransport = (
+            "shm" if prefill.node_id is not None and prefill.node_id == decode.node_id else "stream"
+        )
+        self._dispatched(attempt, task, prefill, schedule=decision.record)
+        try:
+            handle, prompt_tokens = await run_prefill(
+                self.http, prefill, spec.generate, transport, self.prefill_timeout_s
+            )
+        except PrefillFailed as exc:
+            self.recorder.move(
+                task, TaskState.FAILED, exc.message, finished_at=self.clock(), error=exc.message
+            )
+            raise
+        finally:
+            self.registry.release(prefill.id)
+        self.recorder.move(
+            task,
+            TaskState.SUCCEEDED,
+            f"{prompt_tokens} prompt tokens prefilled; K/V handed over by {transport}",
+            finished_at=self.clock(),
+            **kv_fields(handle.transport, handle.num_bytes, handle.export_s),
+        )
+        return handle
+
+    async def _decode(
+        self,
+        spec: ChatSpec,
+        attempt: _Attempt,
+        decision: Decision,
+        handle: wire.KVHandle,
+        tried: set[str],
+    ) -> ChatRun:
+        """The decode task: the decode instance imports the K/V and streams the answer. An
+        unreachable decode instance is replaced by another; K/V it cannot use is recomputed
+        from the prompt on the same instance."""
+        instance: InstanceLoad | None = decision.decode
+        task = self._new_task(attempt, TaskKind.DECODE, "prefill done")
+        with_kv = spec.generate.model_copy(update={"kv_source": handle})
+        body = with_kv
+        last_error = "no decode instance"
+        for _ in range(MAX_DISPATCH_ATTEMPTS):
+            if instance is None:
+                instance = await self.registry.acquire(
+                    spec.deployment, self.dispatch_timeout_s, frozenset(tried), role="decode"
+                )
+                if instance is None:
+                    break
+            try:
+                response = await self._send(instance, body)
+            except KVUnusable as exc:
+                # The K/V did not arrive or do not fit: the decode instance computes the prompt.
+                self.recorder.move(task, TaskState.PENDING, f"K/V unusable ({exc}); recomputing")
+                log.warning(
+                    "request %s: K/V unusable on %s: %s", attempt.request.id, instance.id, exc
+                )
+                body = spec.generate
+                try:
+                    response = await self._send(instance, body)
+                except BaseException:
+                    self.registry.release(instance.id)
+                    raise
+            except httpx.TransportError as exc:
+                self.registry.release(instance.id)
+                last_error = f"decode instance {instance.id} unreachable: {exc.__class__.__name__}"
+                log.warning(last_error)
+                tried.add(instance.id)
+                instance = None
+                continue
+            except BaseException:
+                self.registry.release(instance.id)
+                await drop_transfer(self.http, handle)
+                raise
+            self._dispatched(attempt, task, instance)
+            return self._run(spec, attempt, task, instance, response)
+        await drop_transfer(self.http, handle)
+        raise Unavailable(
+            f"deployment {spec.deployment!r} has no decode instance for the request "
+            f"({last_error}); retry later",
+            code="no_ready_instance",
+        )
+
     async def _send(self, instance: InstanceLoad, body: wire.GenerateRequest) -> httpx.Response:
+        """The instance's stream. Raises KVUnusable (the instance is still claimed: the caller
+        retries on it), or InvalidRequest / UpstreamFailed with the instance released."""
         request = self.http.build_request(
             "POST", f"{instance.url}/generate", content=body.model_dump_json(exclude_none=True)
         )
@@ -255,19 +526,25 @@ class ChatExecutor:
             raw = await response.aread()
         finally:
             await response.aclose()
-            self.registry.release(instance.id)
         message, code = _error_of(raw, response.status_code)
+        if response.status_code == 409 and code in ("kv_transfer_failed", "kv_mismatch"):
+            raise KVUnusable(message)
+        self.registry.release(instance.id)
         if 400 <= response.status_code < 500:
             raise InvalidRequest(message, code=code)
         raise UpstreamFailed(message, code=code)
 
-    def _settle_unstarted(
-        self, request: Tracked, job: Tracked, task: Tracked, outcome: RequestState, error: str
-    ) -> None:
+    def _settle_unstarted(self, attempt: _Attempt, outcome: RequestState, error: str) -> None:
         now = self.clock()
-        self.recorder.move(task, TaskState(outcome.value), error, finished_at=now, error=error)
-        self.recorder.move(job, JobState(outcome.value), error, finished_at=now, error=error)
-        self.recorder.move(request, outcome, error, finished_at=now, error=error)
+        for task in attempt.tasks:
+            if not task.terminal:
+                self.recorder.move(
+                    task, TaskState(outcome.value), error, finished_at=now, error=error
+                )
+        self.recorder.move(
+            attempt.job, JobState(outcome.value), error, finished_at=now, error=error
+        )
+        self.recorder.move(attempt.request, outcome, error, finished_at=now, error=error)
 
 
 def _error_of(raw: bytes, status: int) -> tuple[str, str | None]:

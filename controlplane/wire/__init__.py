@@ -114,6 +114,7 @@ from controlplane.wire.openai import (
     TopLogprob,
     Usage,
 )
+from controlplane.wire.pd import PDProfileCreate, PDProfileInfo, PredictorAccuracyInfo
 from controlplane.wire.training import (
     TrainingCheckpoint,
     TrainingHyperparameters,
@@ -165,6 +166,9 @@ __all__ = [
     "KVTransport",
     "PrefillOnly",
     "SamplingSpec",
+    "PDProfileCreate",
+    "PDProfileInfo",
+    "PredictorAccuracyInfo",
     "AutoscalingInfo",
     "DeploymentCreate",
     "DeploymentInfo",

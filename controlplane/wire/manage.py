@@ -176,6 +176,10 @@ class TaskInfo(Open):
     started_at: float | None = None
     finished_at: float | None = None
     error: str | None = None
+    # A PD pair's K/V hand-off (prefill: export; decode: fetch and import), docs/pd.md.
+    kv_transport: str | None = None
+    kv_bytes: int | None = None
+    kv_transfer_s: float | None = None
     events: list[EventInfo] = Field(default_factory=list)
 
 
@@ -187,6 +191,7 @@ class JobInfo(Open):
     created_at: float
     finished_at: float | None = None
     error: str | None = None
+    schedule: dict[str, Any] | None = None  # the routing decision on a PD deployment
     tasks: list[TaskInfo] = Field(default_factory=list)
     events: list[EventInfo] = Field(default_factory=list)
 
@@ -198,6 +203,7 @@ class RequestInfo(Open):
     state: str
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    prompt_chars: int | None = None
     created_at: float
     finished_at: float | None = None
     error: str | None = None
