@@ -17,6 +17,7 @@ import uvicorn
 from dataplane.flowserve.config import DTYPES, EngineConfig
 from dataplane.flowserve.engine import Engine
 from dataplane.flowserve.errors import FlowServeError
+from dataplane.flowserve.kv_transfer import KVTransferConfig
 from dataplane.flowserve.server import create_app
 from dataplane.flowserve.startup import (
     LaunchPath,
@@ -94,6 +95,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=8,
         help="seconds in-flight streams get to finish after SIGTERM (below the agent's 10 s grace)",
     )
+    parser.add_argument(
+        "--kv-dir",
+        default=None,
+        help="where exported K/V wait for an shm transfer (default /dev/shm/deepflow-kv)",
+    )
+    parser.add_argument(
+        "--kv-ttl", type=float, default=60.0, help="seconds an unfetched K/V transfer is kept"
+    )
+    parser.add_argument(
+        "--kv-max-bytes", type=int, default=8 << 30, help="unfetched K/V held at most, in bytes"
+    )
+    parser.add_argument(
+        "--kv-fetch-timeout", type=float, default=30.0, help="seconds to fetch imported K/V"
+    )
     parser.add_argument("--log-level", default="warning")
     return parser.parse_args(argv)
 
@@ -123,13 +138,24 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+def kv_transfer_config(args: argparse.Namespace) -> KVTransferConfig:
+    """Raises ValueError for a non-positive TTL, timeout or cap."""
+    return KVTransferConfig(
+        Path(args.kv_dir) if args.kv_dir else KVTransferConfig.default_shm_dir(),
+        ttl_s=args.kv_ttl,
+        max_bytes=args.kv_max_bytes,
+        fetch_timeout_s=args.kv_fetch_timeout,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     runtime_at = time.time()  # the module's imports are done
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     try:
         config = engine_config(args)
-    except FlowServeError as exc:
+        kv_transfer_config(args)
+    except (FlowServeError, ValueError) as exc:
         print(f"flowserve: {exc}", file=sys.stderr)
         return 2
     pod_at = process_started_at()
@@ -155,6 +181,7 @@ def serve(
         instance_id=args.instance_id,
         startup=startup,
         role=args.role,
+        kv_transfer=kv_transfer_config(args),
     )
     server = uvicorn.Server(
         uvicorn.Config(

@@ -18,11 +18,12 @@ from controlplane.wire import GenerateDelta, GenerateDone, GenerateError
 from dataplane.flowserve.engine import Engine, EngineStats
 from dataplane.flowserve.errors import InvalidRequest
 from dataplane.flowserve.metrics import Metrics
-from dataplane.flowserve.stream import RequestStream
+from dataplane.flowserve.stream import KVExported, RequestStream
 
 log = logging.getLogger(__name__)
 
-Event = GenerateDelta | GenerateDone | GenerateError
+# KVExported never reaches the wire: the server turns it into a GenerateDone with a KVHandle.
+Event = GenerateDelta | GenerateDone | GenerateError | KVExported
 Sink = Callable[[Event], None]
 
 
@@ -118,11 +119,21 @@ class EngineDriver:
             return
         active = _Active(stream, sink, arrived=time.monotonic())
         added: list[str] = []
+        imported = stream.take_imported()
         try:
             for index, (seq_id, params) in enumerate(
                 zip(stream.sequence_ids, stream.params, strict=True)
             ):
-                self.engine.add_request(seq_id, stream.prompt_token_ids, params)
+                if stream.prefill_only or imported is not None:
+                    self.engine.add_request(
+                        seq_id,
+                        stream.prompt_token_ids,
+                        params,
+                        prefill_only=stream.prefill_only,
+                        imported=imported,
+                    )
+                else:  # a plain request: the interface's three-argument form
+                    self.engine.add_request(seq_id, stream.prompt_token_ids, params)
                 added.append(seq_id)
                 self._sequences[seq_id] = (active, index)
         except InvalidRequest as exc:
@@ -166,6 +177,8 @@ class EngineDriver:
                     if reason != "abort" and self._metrics is not None:
                         self._metrics.record_finish(reason)
             if active.stream.finished:
+                for seq_id in active.stream.sequence_ids:  # a prefill-only one sent no delta
+                    self._sequences.pop(seq_id, None)
                 del self._requests[active.stream.request_id]
                 _send(active.sink, active.stream.done())
                 if self._metrics is not None and active.first_token_at is not None:

@@ -7,6 +7,12 @@ This interface is what the server drives and what stays put while the internals 
     outputs = engine.step()                                   # list[StepOutput]
     engine.has_unfinished()
 
+PD disaggregation (docs/flowserve.md) adds two kinds of request:
+
+    engine.add_request(..., prefill_only=True)   # one token; its last StepOutput has `kv`
+    engine.add_request(..., imported=prompt_kv)  # no prefill: the K/V are written into its
+                                                 # blocks, its first StepOutput is kv's token
+
 It is not thread-safe: one thread owns it (the server's driver thread).
 """
 
@@ -31,7 +37,12 @@ from dataplane.flowserve.config import (
     resolve_dtype,
     resolve_max_model_len,
 )
-from dataplane.flowserve.errors import ConfigError, DuplicateRequest, InvalidRequest
+from dataplane.flowserve.errors import (
+    ConfigError,
+    DuplicateRequest,
+    InvalidRequest,
+    PromptTooLong,
+)
 from dataplane.flowserve.kv_cache import (
     MemoryProfile,
     num_blocks_for_budget,
@@ -40,6 +51,7 @@ from dataplane.flowserve.kv_cache import (
 from dataplane.flowserve.model_runner import ModelRunner, PendingTokens
 from dataplane.flowserve.models import ModelConfig, load_model
 from dataplane.flowserve.platform import get_platform
+from dataplane.flowserve.prompt_kv import KVLayout, PendingExport, PromptKV, skip_first_draw
 from dataplane.flowserve.sampler import Logprob, needs_host, sample, sample_tokens
 from dataplane.flowserve.sampling_params import SamplingParams
 from dataplane.flowserve.scheduler import ScheduledBatch, Scheduler
@@ -51,13 +63,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class StepOutput:
-    """What one step did to one sequence. An abort carries no token."""
+    """What one step did to one sequence. An abort carries no token.
+
+    PD disaggregation: a prefill-only sequence's output (its one token) carries `kv`, its
+    prompt's K/V; an imported sequence's first output (the token that came with its K/V) carries
+    `kv_import_s`, the seconds spent writing the K/V into its blocks."""
 
     request_id: str
     new_token_id: int | None
     logprob: Logprob | None = None
     finished: bool = False
     finish_reason: FinishReason | None = None
+    kv: PromptKV | None = None
+    kv_import_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +99,7 @@ class _InFlight:
     rows: dict[Sequence, int]  # sequence -> its index in `tokens`
     host_tokens: torch.Tensor  # the same, copied to the host once `event` is complete
     event: Any  # None where the copy is already complete
+    exports: dict[Sequence, PendingExport]  # prefill-only sequences that sample in this batch
 
 
 class Engine:
@@ -156,7 +175,7 @@ class Engine:
         # The live sequences whose sampling reads host state (penalties, logprobs): kept as a
         # set so that a step need not ask all of them.
         self._host_sampled: set[Sequence] = set()
-        self._aborted: list[StepOutput] = []  # reported by the next step()
+        self._reported: list[StepOutput] = []  # aborts and the like: the next step() reports them
         self._seeds = random.Random(config.seed)  # for sequences that bring no seed
         self.num_preemptions = 0
         # Async scheduling: step k schedules and launches batch k, then reads batch k-1's tokens,
@@ -222,6 +241,11 @@ class Engine:
     def num_kv_blocks(self) -> int:
         return self._runner.num_blocks
 
+    @property
+    def kv_layout(self) -> KVLayout:
+        """What imported K/V must look like (PD disaggregation)."""
+        return self._runner.kv_layout
+
     def stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(
@@ -236,12 +260,24 @@ class Engine:
     def has_unfinished(self) -> bool:
         """True while some request has not yet been reported finished by `step()`."""
         return (
-            self._scheduler.has_unfinished() or bool(self._aborted) or self._in_flight is not None
+            self._scheduler.has_unfinished() or bool(self._reported) or self._in_flight is not None
         )
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        prefill_only: bool = False,
+        imported: PromptKV | None = None,
     ) -> None:
+        """`prefill_only`: generate exactly one token and export the prompt's K/V with it.
+        `imported`: the prompt's K/V and first token, computed elsewhere (a prefill instance):
+        the sequence continues from them as if it had computed them itself. Raises
+        InvalidRequest (KVMismatch for K/V that do not fit the prompt or this engine)."""
+        if prefill_only and imported is not None:
+            raise InvalidRequest("a request is either prefill-only or imported, not both")
         if request_id in self._sequences:
             raise DuplicateRequest(request_id)
         if not prompt_token_ids:
@@ -252,8 +288,12 @@ class Engine:
                 f"token id {bad[0]} is out of the vocabulary [0, {self.vocab_size})",
                 param="prompt_token_ids",
             )
+        if imported is not None:
+            self.kv_layout.check(imported, prompt_token_ids, self.vocab_size)
         room = self.max_model_len - len(prompt_token_ids)
         max_tokens = max(1, room if params.max_tokens is None else min(params.max_tokens, room))
+        if prefill_only:
+            max_tokens = 1
         generator = torch.Generator(device=self.device)
         generator.manual_seed(
             params.seed if params.seed is not None else self._seeds.getrandbits(64)
@@ -265,11 +305,32 @@ class Engine:
             generator,
             max_tokens,
             priority=params.priority,
+            prefill_only=prefill_only,
         )
+        if imported is not None and self._add_imported(seq, imported):
+            return
         self._scheduler.add(seq)  # raises for a prompt that can never fit
         self._sequences[request_id] = seq
         if needs_host([seq]):
             self._host_sampled.add(seq)
+
+    def _add_imported(self, seq: Sequence, imported: PromptKV) -> bool:
+        """Give `seq` its imported K/V and first token; True when that token already ends it
+        (max_tokens=1, eos, a stop token): then it is reported by the next step, taking no
+        blocks, and never queued."""
+        if seq.num_prompt_tokens > self.max_model_len:
+            raise PromptTooLong(seq.num_prompt_tokens, self.max_model_len)
+        first = imported.first_token_id
+        seq.output_token_ids.append(first)
+        if not seq.params.greedy:
+            skip_first_draw(seq.generator, self.vocab_size)
+        reason = self._finish_reason(seq, first)
+        if reason is None:
+            seq.imported_kv = imported
+            return False
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        self._reported.append(StepOutput(seq.request_id, first, None, True, reason))
+        return True
 
     def abort_request(self, request_id: str) -> None:
         """Free the sequence now; the next `step()` reports it with finish_reason "abort".
@@ -279,17 +340,18 @@ class Engine:
             return
         self._host_sampled.discard(seq)
         self._scheduler.abort(request_id)
-        self._aborted.append(StepOutput(request_id, None, None, True, "abort"))
+        self._reported.append(StepOutput(request_id, None, None, True, "abort"))
 
     def step(self) -> list[StepOutput]:
         if not self.async_scheduling:
             return self._step_sync()
         if self._host_sampled:  # penalties or logprobs read the host: one step at a time
             return self._finish_in_flight() + self._step_sync()
-        outputs, self._aborted = self._aborted, []
+        outputs, self._reported = self._reported, []
         batch = self._scheduler.schedule()
         self.num_preemptions += len(batch.preempted)
         outputs += self._reject(batch)
+        outputs += self._import(batch)
         launched = self._launch(batch) if batch.seqs else None
         outputs += self._finish_in_flight()
         self._in_flight = launched
@@ -304,9 +366,12 @@ class Engine:
         sampling = batch.sampling_seqs
         tokens = sample_tokens(logits, sampling) if sampling else logits.new_empty(0).long()
         host_tokens, event = self.platform.to_host_async(tokens)
+        # Gathered now, behind the forward pass: by the time the token is read the sequence may
+        # have been preempted (its blocks reused), but what was launched before is unaffected.
+        exports = self._start_exports(sampling)
         self._scheduler.advance(batch)
         rows = {seq: i for i, seq in enumerate(sampling)}
-        return _InFlight(sampling, tokens, rows, host_tokens, event)
+        return _InFlight(sampling, tokens, rows, host_tokens, event, exports)
 
     def _finish_in_flight(self) -> list[StepOutput]:
         """Read the launched batch's tokens (waiting for them) and land them."""
@@ -327,7 +392,37 @@ class Engine:
                 outputs.append(StepOutput(seq.request_id, token_id))
                 continue
             self._retire(seq, reason)
-            outputs.append(StepOutput(seq.request_id, token_id, None, True, reason))
+            export = flight.exports.get(seq)
+            kv = export.finish(token_id, seq.prompt_token_ids) if export else None
+            outputs.append(StepOutput(seq.request_id, token_id, None, True, reason, kv))
+        return outputs
+
+    def _start_exports(self, sampling: list[Sequence]) -> dict[Sequence, PendingExport]:
+        """Launch the gather of every prefill-only sequence's prompt K/V and its copy to the
+        host (pinned where the platform has that), after the forward pass that computed them."""
+        exports = {}
+        for seq in sampling:
+            if not seq.prefill_only:
+                continue
+            started = time.perf_counter()
+            gathered = self._runner.gather_kv(seq.block_table, seq.num_prompt_tokens)
+            host, event = self.platform.to_host_async(gathered)
+            exports[seq] = PendingExport(host, event, time.perf_counter() - started)
+        return exports
+
+    def _import(self, batch: ScheduledBatch) -> list[StepOutput]:
+        """Write the K/V of the sequences admitted with them into their blocks (before this
+        batch's forward pass) and report the token each brought as its first output."""
+        outputs = []
+        for seq in batch.imports:
+            imported, seq.imported_kv = seq.imported_kv, None
+            assert imported is not None
+            started = time.perf_counter()
+            self._runner.scatter_kv(seq.block_table, seq.num_cached_tokens, imported.kv)
+            self.block_manager.seal_full_blocks(seq)  # the prompt's blocks serve the prefix cache
+            took = time.perf_counter() - started
+            token_id = imported.first_token_id
+            outputs.append(StepOutput(seq.request_id, token_id, None, kv_import_s=took))
         return outputs
 
     def _reject(self, batch: ScheduledBatch) -> list[StepOutput]:
@@ -339,15 +434,17 @@ class Engine:
         return outputs
 
     def _step_sync(self) -> list[StepOutput]:
-        outputs, self._aborted = self._aborted, []
+        outputs, self._reported = self._reported, []
         batch = self._scheduler.schedule()
         self.num_preemptions += len(batch.preempted)
         outputs += self._reject(batch)
+        outputs += self._import(batch)
         if not batch.seqs:
             return outputs
         self._runner.copy_blocks(batch.copies)
         logits = self._runner.run(batch)  # [num_sampling_seqs, vocab_size]
         sampling = batch.sampling_seqs
+        exports = self._start_exports(sampling)
         result = sample(logits, sampling) if sampling else None
         self._scheduler.postprocess(batch, result.token_ids if result else [])
         if result is None:
@@ -356,8 +453,10 @@ class Engine:
             reason = self._finish_reason(seq, token_id)
             if reason is not None:
                 self._retire(seq, reason)
+            export = exports.get(seq)
+            kv = export.finish(token_id, seq.prompt_token_ids) if export else None
             outputs.append(
-                StepOutput(seq.request_id, token_id, logprob, reason is not None, reason)
+                StepOutput(seq.request_id, token_id, logprob, reason is not None, reason, kv)
             )
         return outputs
 

@@ -8,6 +8,7 @@ come out. Counters get Prometheus's `_total` suffix, as vLLM's do.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -136,6 +137,12 @@ class _EngineCollector(Collector):
             yield counter
 
 
+KVDirection = Literal["export", "import"]
+# export: ok (stored for the decode instance), failed (over the byte cap, unwritable), expired
+# (not fetched within the TTL); import: ok, failed (missing, expired, unreadable), mismatch.
+KVOutcome = Literal["ok", "failed", "expired", "mismatch"]
+
+
 class Metrics:
     def __init__(self, model_name: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -166,6 +173,25 @@ class Metrics:
             "From a request's arrival to its last token.",
             E2E_BUCKETS,
         )
+        # PD disaggregation: bytes are those of the serialized transfers.
+        self.kv_exported_bytes = Counter(
+            PREFIX + "kv_exported_bytes",
+            "Bytes of prompt K/V exported for decode instances.",
+            labels,
+            registry=self.registry,
+        ).labels(model_name)
+        self.kv_imported_bytes = Counter(
+            PREFIX + "kv_imported_bytes",
+            "Bytes of prompt K/V imported from prefill instances.",
+            labels,
+            registry=self.registry,
+        ).labels(model_name)
+        self._kv_transfers = Counter(
+            PREFIX + "kv_transfers",
+            "K/V transfers by direction and outcome.",
+            [*labels, "direction", "outcome"],
+            registry=self.registry,
+        )
 
     def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
         family = Histogram(
@@ -179,6 +205,14 @@ class Metrics:
 
     def record_finish(self, reason: str) -> None:
         self._success.labels(self._model_name, reason).inc()
+
+    def record_kv_transfer(
+        self, direction: KVDirection, outcome: KVOutcome, num_bytes: int = 0
+    ) -> None:
+        self._kv_transfers.labels(self._model_name, direction, outcome).inc()
+        if outcome == "ok":
+            counter = self.kv_exported_bytes if direction == "export" else self.kv_imported_bytes
+            counter.inc(num_bytes)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

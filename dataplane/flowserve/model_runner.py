@@ -30,6 +30,7 @@ from dataplane.flowserve.kv_cache import allocate_kv_cache
 from dataplane.flowserve.models import LlamaForCausalLM, ModelConfig
 from dataplane.flowserve.paged_metadata import StagingBuffers, StepInputs
 from dataplane.flowserve.platform import Platform
+from dataplane.flowserve.prompt_kv import KVLayout, gather_kv, scatter_kv, token_slots
 from dataplane.flowserve.scheduler import ScheduledBatch
 from dataplane.flowserve.sequence import Sequence
 
@@ -344,6 +345,27 @@ class ModelRunner:
         for k_cache, v_cache in self.kv_caches:
             k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
             v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
+
+    # --- K/V in and out of the cache (PD disaggregation) ----------------------------------------
+
+    @property
+    def kv_layout(self) -> KVLayout:
+        config = self.config
+        return KVLayout(
+            config.num_hidden_layers, config.num_key_value_heads, config.head_dim, self.dtype
+        )
+
+    def gather_kv(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
+        """The K/V of a sequence's first `num_tokens` tokens, `[layers, 2, num_tokens, heads,
+        dim]` on the device, read after everything launched before."""
+        slots = token_slots(block_table, self.block_size, 0, num_tokens)
+        return gather_kv(self.kv_caches, self.platform, slots)
+
+    def scatter_kv(self, block_table: list[int], start: int, kv: torch.Tensor) -> None:
+        """Write tokens `start ..` of host K/V `[layers, 2, num_tokens, heads, dim]` into a
+        sequence's blocks (the first `start` are already there: prefix-cache hits)."""
+        slots = token_slots(block_table, self.block_size, start, kv.shape[2])
+        scatter_kv(self.kv_caches, self.platform, slots, kv[:, :, start:])
 
 
 def _slice(prompt: list[int], output: list[int], start: int, end: int) -> list[int]:

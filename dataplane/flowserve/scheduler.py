@@ -10,6 +10,9 @@ Each `schedule()`, under `max_num_batched_tokens` tokens and `max_num_seqs` sequ
 3. if nobody had to be preempted, waiting sequences are admitted in order, each with a first
    chunk (prefix-cache hits are free: they reduce what is left to compute). The head of `waiting`
    that does not fit blocks the ones behind it, so that a long prompt is not starved by short ones.
+   A sequence that arrives with its prompt's K/V (PD disaggregation) is admitted with blocks for
+   its prompt and computes nothing this step: the batch lists it in `imports`, for the engine to
+   write the K/V in; it decodes from the next step on.
 
 When a running sequence cannot get its blocks, the running sequence with the largest
 (priority, arrival) - the least important, latest arrived, possibly itself - is preempted by
@@ -50,6 +53,9 @@ class ScheduledBatch:
     preempted: list[Sequence] = field(default_factory=list)  # back in waiting, blocks freed
     rejected: list[tuple[Sequence, str]] = field(default_factory=list)  # finished: can never fit
     num_batched_tokens: int = 0
+    # Admitted with imported K/V: write each one's `imported_kv` into its blocks (past its
+    # prefix-cache hits) before this batch's forward pass. They compute nothing this step.
+    imports: list[Sequence] = field(default_factory=list)
 
     @property
     def sampling_seqs(self) -> list[Sequence]:
@@ -143,6 +149,7 @@ class Scheduler:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
+        seq.imported_kv = None
 
     def schedule(self) -> ScheduledBatch:
         with self.block_manager.lock:
@@ -249,6 +256,10 @@ class Scheduler:
             if manager.blocks_needed(seq.num_tokens) > manager.num_blocks:
                 self._reject(seq, plan, _outgrew(seq.num_tokens))  # e.g. a fork at the limit
                 continue
+            if seq.imported_kv is not None:
+                if not self._admit_imported(seq, plan):
+                    break
+                continue
             num_cached = manager.cached_prefix_len(seq)
             num_tokens = num_cached + min(seq.num_tokens - num_cached, plan.budget)
             if not manager.can_allocate(seq, num_tokens):
@@ -259,6 +270,21 @@ class Scheduler:
             self.running.append(seq)
             start = seq.num_computed_tokens
             plan.add(seq, start, num_tokens - start, [], samples=num_tokens == seq.num_tokens)
+
+    def _admit_imported(self, seq: Sequence, plan: _Plan) -> bool:
+        """Admit the head of `waiting`, whose prompt's K/V arrived ready, with blocks for its
+        prompt (prefix-cache hits included); False when they do not fit now."""
+        manager = self.block_manager
+        num_prompt = seq.num_prompt_tokens
+        if not manager.can_allocate(seq, num_prompt):
+            return False
+        self.waiting.popleft()
+        manager.allocate(seq, num_prompt)
+        seq.num_computed_tokens = num_prompt  # once the engine has written the K/V in
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        plan.imports.append(seq)
+        return True
 
     def _preempt(self, seq: Sequence, plan: _Plan) -> None:
         self.running.remove(seq)
@@ -290,6 +316,7 @@ class _Plan:
     items: dict[Sequence, tuple[ScheduledSeq, list[tuple[int, int]]]] = field(default_factory=dict)
     preempted: list[Sequence] = field(default_factory=list)
     rejected: list[tuple[Sequence, str]] = field(default_factory=list)
+    imports: list[Sequence] = field(default_factory=list)
 
     def add(
         self,
@@ -313,4 +340,6 @@ class _Plan:
         seqs = [item for item, _ in self.items.values()]
         copies = [pair for _, pairs in self.items.values() for pair in pairs]
         num_batched = sum(s.num_new_tokens for s in seqs)
-        return ScheduledBatch(seqs, copies, self.preempted, self.rejected, num_batched)
+        return ScheduledBatch(
+            seqs, copies, self.preempted, self.rejected, num_batched, self.imports
+        )

@@ -11,6 +11,8 @@ from dataplane.flowserve.sampling_params import SamplingParams
 if TYPE_CHECKING:
     import torch
 
+    from dataplane.flowserve.prompt_kv import PromptKV
+
 FinishReason = Literal["stop", "length", "abort"]
 
 
@@ -48,6 +50,12 @@ class Sequence:
     # Sampled on the device, not yet read by the host (async scheduling): counted in num_tokens
     # (the next step may already compute them) but not yet in output_token_ids.
     num_pending_tokens: int = 0
+    # PD disaggregation. A prefill-only sequence samples one token and exports its prompt's K/V.
+    # An imported one arrives with its prompt's K/V and first output token: admission writes
+    # them into its blocks instead of computing the prompt, then drops them (a later preemption
+    # recomputes, as for any sequence).
+    prefill_only: bool = False
+    imported_kv: PromptKV | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -1,24 +1,35 @@
 """The FlowServe instance's HTTP server (see docs/architecture.md, "FlowServe instance protocol").
 
-    GET  /health              InstanceHealth
-    POST /generate            GenerateRequest -> application/x-ndjson stream of GenerateEvent lines
-    POST /abort/{request_id}  {"request_id", "aborted"}
-    GET  /metrics             Prometheus text
+    GET    /health             InstanceHealth
+    POST   /generate           GenerateRequest -> application/x-ndjson stream of GenerateEvent lines
+    POST   /abort/{request_id} {"request_id", "aborted"}
+    GET    /metrics            Prometheus text
+    GET    /kv/{transfer_id}   a prefill's exported K/V (transport "stream"), streamed once
+    DELETE /kv/{transfer_id}   {"transfer_id", "deleted"}
 
 The lifespan loads the engine and starts the one thread that drives it (`EngineDriver`). Handlers
 hand work to that thread and read events back from a per-request asyncio queue.
+
+PD disaggregation (docs/flowserve.md): a `prefill_only` request's stream is one GenerateDone
+whose `kv` is the handle of its stored K/V (`kv_transfer.KVStore`); a `kv_source` request first
+fetches the K/V (409 `kv_mismatch` when they are not of its prompt, 409 `kv_transfer_failed`
+when they cannot be had), then streams as any other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
-from collections.abc import AsyncIterator, Callable
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import anyio
+import httpx
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -30,18 +41,29 @@ from starlette.types import Receive, Scope, Send
 from controlplane.wire import (
     ErrorBody,
     ErrorDetail,
+    GenerateError,
     GenerateRequest,
     InstanceHealth,
     InstanceRole,
+    KVHandle,
+    KVTransport,
 )
 from dataplane.flowserve.driver import EngineDriver, Event
 from dataplane.flowserve.engine import Engine
 from dataplane.flowserve.errors import InvalidRequest, PromptTooLong
+from dataplane.flowserve.kv_transfer import (
+    KVStore,
+    KVTransferConfig,
+    KVTransferError,
+    discard,
+    fetch,
+)
 from dataplane.flowserve.metrics import CONTENT_TYPE, Metrics
+from dataplane.flowserve.prompt_kv import KVMismatch
 from dataplane.flowserve.prompts import build_prompt
 from dataplane.flowserve.sampling_params import SamplingParams
 from dataplane.flowserve.startup import StartupClock
-from dataplane.flowserve.stream import RequestStream
+from dataplane.flowserve.stream import KVExported, KVSource, RequestStream
 from dataplane.flowserve.token_text import TokenTexts
 
 NDJSON = "application/x-ndjson"
@@ -55,6 +77,8 @@ class _Instance:
     token_texts: TokenTexts
     model_name: str
     instance_id: str | None
+    kv_store: KVStore
+    http: httpx.AsyncClient  # fetches imported K/V
     startup: StartupClock | None = None
     role: InstanceRole = "colocated"
     in_flight: set[str] = field(default_factory=set)
@@ -74,9 +98,16 @@ class _Subscription:
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     finished: bool = False  # the last event (done or error) was taken
 
-    async def lines(self) -> AsyncIterator[str]:
+    async def lines(
+        self, export: Callable[[KVExported], Awaitable[Event]] | None = None
+    ) -> AsyncIterator[str]:
+        """`export` turns a prefill's end into the done event the client sees."""
         while not self.finished:
             event = await self.events.get()
+            if isinstance(event, KVExported):
+                assert export is not None
+                event = await export(event)
+            assert not isinstance(event, KVExported)
             self.finished = event.type in ("done", "error")
             yield event.model_dump_json() + "\n"
 
@@ -146,14 +177,18 @@ async def generate(request: Request) -> Response:
         params = [SamplingParams.from_spec(req.sampling, i) for i in range(req.sampling.n)]
     except InvalidRequest as exc:
         return error_response(400, exc.message, param=exc.param, code=exc.code)
+    kv_source = None
+    if req.kv_source is not None:
+        if req.request_id in inst.in_flight:  # before taking the K/V another request may need
+            return _duplicate(req.request_id)
+        logprobs = req.sampling.logprobs or req.sampling.top_logprobs > 0
+        imported = await _import_kv(inst, req.kv_source, prompt.token_ids, logprobs)
+        if not isinstance(imported, KVSource):
+            return imported
+        kv_source = imported
     # Checked after the last await, so the check and the add below cannot interleave.
     if req.request_id in inst.in_flight:
-        return error_response(
-            409,
-            f"request id {req.request_id!r} is already in flight",
-            param="request_id",
-            code="duplicate_request_id",
-        )
+        return _duplicate(req.request_id)
 
     stream = RequestStream(
         req.request_id,
@@ -162,6 +197,8 @@ async def generate(request: Request) -> Response:
         inst.engine.tokenizer,
         inst.token_texts,
         prompt.text if req.echo else None,
+        prefill_only=req.prefill_only is not None,
+        kv_source=kv_source,
     )
     subscription = _Subscription()
     loop = asyncio.get_running_loop()
@@ -174,9 +211,116 @@ async def generate(request: Request) -> Response:
         if not subscription.finished:  # the client went away mid-stream
             inst.driver.abort(req.request_id)
 
+    export = None
+    if req.prefill_only is not None:
+        transport = req.prefill_only.transport
+
+        async def export(event: KVExported) -> Event:
+            return await _export_kv(inst, _kv_url_base(request), transport, event)
+
     inst.in_flight.add(req.request_id)
     inst.driver.submit(stream, sink)
-    return EventStream(subscription.lines(), close)
+    return EventStream(subscription.lines(export), close)
+
+
+def _duplicate(request_id: str) -> Response:
+    return error_response(
+        409,
+        f"request id {request_id!r} is already in flight",
+        param="request_id",
+        code="duplicate_request_id",
+    )
+
+
+async def _import_kv(
+    inst: _Instance, handle: KVHandle, prompt_token_ids: list[int], logprobs: bool
+) -> KVSource | Response:
+    """Fetch a decode request's K/V and check them against its prompt, or the 409 to answer."""
+    metrics, engine = inst.metrics, inst.engine
+    unfit = None
+    if handle.num_tokens != len(prompt_token_ids):
+        unfit = (
+            f"the K/V are of {handle.num_tokens} tokens but this instance tokenizes the prompt "
+            f"to {len(prompt_token_ids)}"
+        )
+    elif logprobs:  # the prefill instance sampled the first token; its logprob stayed there
+        unfit = "imported K/V carry no logprobs for the first token: compute the prompt here"
+    if unfit is not None:
+        await discard(handle, inst.kv_store.config, inst.http)
+        metrics.record_kv_transfer("import", "mismatch")
+        return error_response(409, unfit, param="kv_source", code="kv_mismatch")
+    try:
+        fetched = await fetch(handle, inst.kv_store.config, inst.http)
+    except KVTransferError as exc:
+        metrics.record_kv_transfer("import", "failed")
+        return error_response(409, str(exc), param="kv_source", code="kv_transfer_failed")
+    try:
+        engine.kv_layout.check(fetched.kv, prompt_token_ids, engine.vocab_size)
+    except KVMismatch as exc:
+        metrics.record_kv_transfer("import", "mismatch")
+        return error_response(409, exc.message, param=exc.param, code=exc.code)
+    metrics.record_kv_transfer("import", "ok", fetched.num_bytes)
+    return KVSource(fetched.kv, handle.transport, fetched.num_bytes, fetched.fetch_s)
+
+
+async def _export_kv(
+    inst: _Instance, url_base: str, transport: KVTransport, event: KVExported
+) -> Event:
+    """Store a prefill's K/V for the decode instance; the done event with their handle."""
+    transfer_id = uuid.uuid4().hex
+    started = time.perf_counter()
+    try:
+        stored = await run_in_threadpool(inst.kv_store.put, transfer_id, transport, event.kv)
+    except KVTransferError as exc:
+        inst.metrics.record_kv_transfer("export", "failed")
+        return GenerateError(message=str(exc), code="kv_export_failed")
+    inst.metrics.record_kv_transfer("export", "ok", stored.num_bytes)
+    handle = KVHandle(
+        transfer_id=transfer_id,
+        transport=transport,
+        location=str(stored.path) if stored.path is not None else f"{url_base}/kv/{transfer_id}",
+        num_tokens=event.kv.num_tokens,
+        num_bytes=stored.num_bytes,
+        first_token_id=event.kv.first_token_id,
+        export_s=event.kv.export_s + time.perf_counter() - started,
+    )
+    return event.done.model_copy(update={"kv": handle})
+
+
+def _kv_url_base(request: Request) -> str:
+    """This server's own address (where it listens), or the one the client reached it at when
+    it listens on every interface."""
+    server = request.scope.get("server")
+    if server is not None and server[1] is not None and server[0] not in ("0.0.0.0", "::", ""):
+        host, port = server
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"{request.url.scheme}://{request.url.netloc}"
+
+
+async def kv_get(request: Request) -> Response:
+    transfer_id = request.path_params["transfer_id"]
+    chunks = _instance(request).kv_store.stream(transfer_id)
+    if chunks is None:
+        return error_response(
+            404,
+            f"no K/V transfer {transfer_id!r} here (fetched, expired or never made)",
+            code="kv_transfer_not_found",
+        )
+    return StreamingResponse(chunks, media_type="application/octet-stream")
+
+
+async def kv_delete(request: Request) -> Response:
+    transfer_id = request.path_params["transfer_id"]
+    deleted = _instance(request).kv_store.discard(transfer_id)
+    return JSONResponse({"transfer_id": transfer_id, "deleted": deleted})
+
+
+async def _expire_transfers(store: KVStore, metrics: Metrics) -> None:
+    """Drop unfetched K/V past their TTL, checking a few times per TTL (at most every second)."""
+    while True:
+        await asyncio.sleep(min(1.0, store.config.ttl_s / 4))
+        for _ in await run_in_threadpool(store.expire):
+            metrics.record_kv_transfer("export", "expired")
 
 
 async def abort(request: Request) -> Response:
@@ -199,9 +343,12 @@ def create_app(
     instance_id: str | None = None,
     startup: StartupClock | None = None,
     role: InstanceRole = "colocated",
+    kv_transfer: KVTransferConfig | None = None,
 ) -> Starlette:
     """`load_engine` runs once at start-up, off the event loop. `startup`, when given, is
-    marked ready once the engine runs, and reported by /health."""
+    marked ready once the engine runs, and reported by /health. `kv_transfer`: where exported
+    K/V wait and for how long (default: `KVTransferConfig.default_shm_dir()`, 60 s)."""
+    kv_config = kv_transfer or KVTransferConfig(KVTransferConfig.default_shm_dir())
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -211,6 +358,8 @@ def create_app(
         metrics = Metrics(model_name)
         driver = EngineDriver(engine, metrics)
         metrics.watch(lambda: driver.stats)
+        kv_store = KVStore(kv_config)
+        http = httpx.AsyncClient(timeout=kv_config.fetch_timeout_s)
         app.state.instance = _Instance(
             engine,
             driver,
@@ -218,21 +367,31 @@ def create_app(
             TokenTexts(engine.tokenizer),
             model_name,
             instance_id,
+            kv_store,
+            http,
             startup,
             role,
         )
         driver.start()
         if startup is not None:
             startup.mark_ready(engine.weights_loaded_at, engine.weights.source)
+        expiry = asyncio.create_task(_expire_transfers(kv_store, metrics))
         try:
             yield
         finally:
+            expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await expiry
             await run_in_threadpool(driver.stop)
+            await http.aclose()
+            kv_store.close()
 
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/generate", generate, methods=["POST"]),
         Route("/abort/{request_id:path}", abort, methods=["POST"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/kv/{transfer_id}", kv_get, methods=["GET"]),
+        Route("/kv/{transfer_id}", kv_delete, methods=["DELETE"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

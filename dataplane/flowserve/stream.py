@@ -5,6 +5,10 @@ Each choice has its own `Detokenizer`. Tokens whose text is still held back (hal
 what may become a stop string) are kept and sent with the next delta that carries text, so every
 delta's `token_ids` and `logprobs` line up with its `text`. A stop string is found here, not in the
 engine: `RequestStream.on_output` then asks the caller to abort that sequence.
+
+PD disaggregation: a prefill-only stream sends no deltas; its end is a `KVExported` (never on
+the wire: the server stores the K/V and sends the done event with their handle). A stream fed
+by imported K/V (`KVSource`) runs as any other and reports the import on its done event.
 """
 
 from __future__ import annotations
@@ -12,9 +16,18 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
-from controlplane.wire import GenerateDelta, GenerateDone, TokenLogprob, TopLogprob
+from controlplane.wire import (
+    GenerateDelta,
+    GenerateDone,
+    GenerateError,
+    KVImport,
+    KVTransport,
+    TokenLogprob,
+    TopLogprob,
+)
 from dataplane.flowserve.detokenizer import Decoder, Detokenizer
 from dataplane.flowserve.engine import StepOutput
+from dataplane.flowserve.prompt_kv import PromptKV
 from dataplane.flowserve.sampler import Logprob
 from dataplane.flowserve.sampling_params import SamplingParams
 from dataplane.flowserve.sequence import FinishReason
@@ -36,6 +49,25 @@ class _Choice:
 
 
 @dataclass(frozen=True, slots=True)
+class KVExported:
+    """A prefill-only request's end: its done event (without `kv` yet) and the K/V to hand over.
+    Internal: the server turns it into the done event with the transfer's handle."""
+
+    done: GenerateDone
+    kv: PromptKV
+
+
+@dataclass(frozen=True, slots=True)
+class KVSource:
+    """A decode request's K/V, fetched from a prefill instance, and how the fetch went."""
+
+    kv: PromptKV
+    transport: KVTransport
+    num_bytes: int
+    fetch_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class OutputEvents:
     """What one engine output produced: a delta to send (or None) and, when a stop string ended
     the choice, the sequence the caller must abort in the engine."""
@@ -53,11 +85,21 @@ class RequestStream:
         tokenizer: Decoder,
         token_texts: TokenTexts,
         prompt_text: str | None = None,
+        *,
+        prefill_only: bool = False,
+        kv_source: KVSource | None = None,
     ) -> None:
+        if (prefill_only or kv_source is not None) and len(params) != 1:
+            raise ValueError("a disaggregated request has one choice")
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
         self.params = list(params)
         self.prompt_text = prompt_text
+        self.prefill_only = prefill_only
+        self._kv_source = kv_source
+        self._imported = kv_source.kv if kv_source is not None else None
+        self._import_s = 0.0
+        self._exported: PromptKV | None = None
         self._token_texts = token_texts
         self._choices = [
             _Choice(Detokenizer(tokenizer, prompt_token_ids, p.stop), p.logprobs) for p in params
@@ -82,17 +124,50 @@ class RequestStream:
     def completion_tokens(self) -> int:
         return sum(c.num_tokens for c in self._choices)
 
-    def done(self) -> GenerateDone:
-        return GenerateDone(
+    def take_imported(self) -> PromptKV | None:
+        """The imported K/V, once (the engine holds them from then on, until they are written)."""
+        imported, self._imported = self._imported, None
+        return imported
+
+    def done(self) -> GenerateDone | GenerateError | KVExported:
+        source = self._kv_source
+        done = GenerateDone(
             prompt_tokens=len(self.prompt_token_ids),
             completion_tokens=self.completion_tokens,
             prompt_text=self.prompt_text,
+            kv_import=None
+            if source is None
+            else KVImport(
+                transport=source.transport,
+                num_bytes=source.num_bytes,
+                fetch_s=source.fetch_s,
+                import_s=self._import_s,
+            ),
         )
+        if not self.prefill_only:
+            return done
+        if self._exported is None:
+            reason = self._choices[0].finish_reason
+            return GenerateError(
+                message=f"the prefill ended ({reason}) without K/V to export",
+                code="kv_export_failed",
+            )
+        return KVExported(done, self._exported)
 
     def on_output(self, index: int, out: StepOutput) -> OutputEvents:
         choice = self._choices[index]
         if choice.finish_reason is not None:
             return OutputEvents()  # e.g. the abort that follows a stop string
+        if out.kv_import_s is not None:
+            self._import_s = out.kv_import_s
+        if self.prefill_only:  # no text: the token and the K/V go to the decode instance
+            if out.new_token_id is not None:
+                choice.num_tokens += 1
+            if out.kv is not None:
+                self._exported = out.kv
+            if out.finished:
+                choice.finish_reason = out.finish_reason
+            return OutputEvents()
         text = ""
         reason = out.finish_reason if out.finished else None
         if out.new_token_id is not None:
