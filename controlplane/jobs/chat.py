@@ -378,16 +378,7 @@ class ChatExecutor:
         request; the chosen instances are claimed. None when the deadline passed first."""
         deployment = spec.deployment
         while True:
-            roles = self._allowed_roles(spec)
-            groups = Groups(
-                colocated=self.registry.candidates(deployment, "colocated")
-                if "colocated" in roles
-                else (),
-                prefill=self.registry.candidates(deployment, "prefill")
-                if "prefill" in roles
-                else (),
-                decode=self.registry.candidates(deployment, "decode") if "decode" in roles else (),
-            )
+            groups = self._groups(spec, exclude)
             matches = self.policies.matches(deployment, text)
             decision = schedule(request, groups, matches, policy, exclude)
             if decision.routed and self.registry.claim(decision.instance_ids):
@@ -398,6 +389,22 @@ class ChatExecutor:
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0 or not await self.registry.wait_for_change(deployment, remaining):
                 return None
+
+    def _groups(self, spec: ChatSpec, exclude: frozenset[str]) -> Groups:
+        """The ready instances the request may use, by role. With no usable prefill instance
+        (none started yet, or every one failed this request) and no colocated group, the decode
+        instances stand in as colocated: any instance can run a whole request, so a pair with a
+        dead or cold prefill side still answers."""
+        roles = self._allowed_roles(spec)
+
+        def group(role: str) -> list[InstanceLoad]:
+            return self.registry.candidates(spec.deployment, role) if role in roles else []
+
+        colocated, prefill, decode = group("colocated"), group("prefill"), group("decode")
+        usable_prefill = [i for i in prefill if i.id not in exclude]
+        if not colocated and not usable_prefill and spec.pd_mode is None:
+            colocated = decode
+        return Groups(colocated=colocated, prefill=prefill, decode=decode)
 
     @staticmethod
     def _allowed_roles(spec: ChatSpec) -> frozenset[str]:
