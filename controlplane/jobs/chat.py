@@ -262,13 +262,18 @@ class ChatExecutor:
         return task
 
     def _dispatched(
-        self, attempt: _Attempt, task: Tracked, instance: InstanceLoad, **fields: object
+        self,
+        attempt: _Attempt,
+        task: Tracked,
+        instance: InstanceLoad,
+        note: str = "",
+        **fields: object,
     ) -> None:
         now = self.clock()
         self.recorder.move(
             task,
             TaskState.DISPATCHED,
-            f"dispatched to {instance.id}",
+            f"dispatched to {instance.id}{note}",
             instance_id=instance.id,
             node_id=instance.node_id,
             started_at=now,
@@ -476,8 +481,8 @@ class ChatExecutor:
         from the prompt on the same instance."""
         instance: InstanceLoad | None = decision.decode
         task = self._new_task(attempt, TaskKind.DECODE, "prefill done")
-        with_kv = spec.generate.model_copy(update={"kv_source": handle})
-        body = with_kv
+        body = spec.generate.model_copy(update={"kv_source": handle})
+        note = ""
         last_error = "no decode instance"
         for _ in range(MAX_DISPATCH_ATTEMPTS):
             if instance is None:
@@ -490,7 +495,7 @@ class ChatExecutor:
                 response = await self._send(instance, body)
             except KVUnusable as exc:
                 # The K/V did not arrive or do not fit: the decode instance computes the prompt.
-                self.recorder.move(task, TaskState.PENDING, f"K/V unusable ({exc}); recomputing")
+                note = f"; the K/V were unusable ({exc}), so it recomputes the prompt"
                 log.warning(
                     "request %s: K/V unusable on %s: %s", attempt.request.id, instance.id, exc
                 )
@@ -511,7 +516,7 @@ class ChatExecutor:
                 self.registry.release(instance.id)
                 await drop_transfer(self.http, handle)
                 raise
-            self._dispatched(attempt, task, instance)
+            self._dispatched(attempt, task, instance, note)
             return self._run(spec, attempt, task, instance, response)
         await drop_transfer(self.http, handle)
         raise Unavailable(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from dataplane.flowserve.kv_transfer import KVTransferConfig
 from tests.e2e.conftest import START_TIMEOUT_S, Platform
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -200,3 +202,51 @@ def test_profile_pd_stores_a_heatmap_that_routes_auto(platform: Platform) -> Non
 
     refused = platform.cli("profile", "pd", "tiny-chat")
     assert refused.returncode != 0 and "mode auto" in refused.stderr
+
+
+def test_lost_or_unusable_kv_is_recomputed_on_the_decode_instance(
+    platform: Platform, chat_deployment: str
+) -> None:
+    """K/V that vanish before the decode instance fetches them (deleted from shared memory as
+    soon as they are written) or that it cannot use (a request for logprobs: the first token's
+    stays on the prefill side) are recomputed there: same answer, noted on the decode task."""
+    _deploy(platform, "pd-lost", "--mode", "disaggregated")
+    client = _client(platform)
+    expected = _greedy(client, chat_deployment, PROMPTS[1])
+    shm_dir = KVTransferConfig.default_shm_dir()
+    stop = threading.Event()
+
+    def delete_transfers() -> None:
+        while not stop.is_set():
+            for path in shm_dir.glob("*.kv"):
+                path.unlink(missing_ok=True)
+
+    deleter = threading.Thread(target=delete_transfers, daemon=True)
+    deleter.start()
+    try:
+        answers = [_greedy(client, "pd-lost", PROMPTS[1]) for _ in range(3)]
+    finally:
+        stop.set()
+        deleter.join()
+    assert answers == [expected] * 3
+    listed = platform.api("GET", "/api/v1/requests?limit=50").json()["data"]
+    records = [platform.request_record(r["id"]) for r in listed if r["deployment"] == "pd-lost"]
+    decodes = [r["jobs"][0]["tasks"][-1] for r in records]
+    recomputed = [
+        d for d in decodes if any("recomputes the prompt" in e["reason"] for e in d["events"])
+    ]
+    assert recomputed and all(d["kind"] == "decode" and d["kv_bytes"] is None for d in recomputed)
+
+    # Logprobs: the decode instance refuses the K/V (409 kv_mismatch) and computes the prompt.
+    messages: Any = [{"role": "user", "content": PROMPTS[0]}]
+    want = client.chat.completions.create(
+        model=chat_deployment, messages=messages, max_tokens=8, temperature=0, logprobs=True
+    )
+    got = client.chat.completions.create(
+        model="pd-lost", messages=messages, max_tokens=8, temperature=0, logprobs=True
+    )
+    assert got.choices[0].message.content == want.choices[0].message.content
+    assert got.choices[0].logprobs is not None and want.choices[0].logprobs is not None
+    assert [t.token for t in got.choices[0].logprobs.content or []] == [
+        t.token for t in want.choices[0].logprobs.content or []
+    ]
