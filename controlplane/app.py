@@ -77,6 +77,8 @@ def create_app(
         cache_threshold=settings.router_cache_threshold,
         balance_abs_threshold=settings.router_balance_abs_threshold,
         balance_rel_threshold=settings.router_balance_rel_threshold,
+        group_balance_abs_threshold=settings.router_group_balance_abs_threshold,
+        group_balance_rel_threshold=settings.router_group_balance_rel_threshold,
     )
     executor = ChatExecutor(
         registry=registry,

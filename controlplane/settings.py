@@ -55,6 +55,10 @@ class Settings:
     router_cache_threshold: float = 0.3
     router_balance_abs_threshold: int = 64
     router_balance_rel_threshold: float = 1.5
+    # An auto deployment's group the heatmap chose loses a request to the other group when its
+    # mean in-flight per instance exceeds the other's by this much and by this ratio.
+    router_group_balance_abs_threshold: float = 2.0
+    router_group_balance_rel_threshold: float = 1.5
 
     @property
     def files_dir(self) -> Path:

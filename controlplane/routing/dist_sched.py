@@ -30,6 +30,11 @@ class RouterThresholds:
     cache_threshold: float = 0.3  # share of the prompt an instance must hold to win on locality
     balance_abs_threshold: int = 64  # in-flight gap past which a group may be imbalanced
     balance_rel_threshold: float = 1.5  # and the max/min ratio past which it is
+    # Between the colocated group and the pair's decode group (an auto deployment): the mean
+    # in-flight per instance of the group the heatmap chose may exceed the other's by this much
+    # and by this ratio before the request goes to the other group instead.
+    group_balance_abs_threshold: float = 2.0
+    group_balance_rel_threshold: float = 1.5
 
     def __post_init__(self) -> None:
         if not 0 <= self.cache_threshold <= 1:
@@ -38,6 +43,8 @@ class RouterThresholds:
             raise ValueError(f"balance_abs_threshold must be >= 0: {self.balance_abs_threshold}")
         if self.balance_rel_threshold < 1:
             raise ValueError(f"balance_rel_threshold must be >= 1: {self.balance_rel_threshold}")
+        if self.group_balance_abs_threshold < 0 or self.group_balance_rel_threshold < 1:
+            raise ValueError("group balance thresholds must be >= 0 (abs) and >= 1 (rel)")
 
 
 def is_balanced(loads: Sequence[InstanceLoad], thresholds: RouterThresholds) -> bool:
@@ -200,8 +207,18 @@ def schedule(
         default=policy.default_mode,
     )
     mode, mode_reason = choice.mode, str(choice.reason)
+    colocated_load = _mean_inflight(groups.colocated, exclude)
+    decode_load = _mean_inflight(groups.decode, exclude)
     if colocated_ready and (request.n > 1 or request.echo):
         mode, mode_reason = "colocated", "n_gt_1" if request.n > 1 else "echo"
+    elif colocated_ready and disaggregated_ready:
+        # The heatmap ranks the modes at equal load; a group far busier than the other loses.
+        chosen, other = (
+            (colocated_load, decode_load) if mode == "colocated" else (decode_load, colocated_load)
+        )
+        if _overloaded(chosen, other, policy.thresholds):
+            mode = "disaggregated" if mode == "colocated" else "colocated"
+            mode_reason = "group_imbalanced"
 
     record: dict[str, Any] = {
         "prompt_chars": request.prompt_chars,
@@ -217,6 +234,8 @@ def schedule(
         "heatmap_value": choice.value,
         "colocated_ready": colocated_ready,
         "disaggregated_ready": disaggregated_ready,
+        "colocated_mean_inflight": colocated_load,
+        "decode_mean_inflight": decode_load,
         "excluded": sorted(exclude),
     }
     thresholds = policy.thresholds
@@ -233,3 +252,18 @@ def schedule(
         "decode": decode.to_record(request.prompt_chars),
     }
     return Decision(mode, prefill=prefill.instance, decode=decode.instance, record=record)
+
+
+def _mean_inflight(group: Sequence[InstanceLoad], exclude: frozenset[str]) -> float | None:
+    loads = [c.inflight for c in group if c.id not in exclude]
+    return sum(loads) / len(loads) if loads else None
+
+
+def _overloaded(chosen: float | None, other: float | None, thresholds: RouterThresholds) -> bool:
+    """The chosen group's mean in-flight exceeds the other's past both group thresholds."""
+    if chosen is None or other is None:
+        return False
+    return (
+        chosen - other > thresholds.group_balance_abs_threshold
+        and chosen > other * thresholds.group_balance_rel_threshold
+    )

@@ -242,3 +242,20 @@ def test_with_a_real_prefix_index() -> None:
     second = schedule(SchedRequest(len(system) + 10), busy, idx.match(system + "review #2"))
     assert second.instance_ids == ("c2",)  # locality beats the idle c1 while balanced
     assert second.record["picks"]["instance"]["reason"] == "prefix_match"
+
+
+def test_a_far_busier_group_loses_the_request_to_the_other() -> None:
+    """The heatmap says colocated; with the colocated group 4 deep per instance and the pair's
+    decode side idle, the request goes to the pair, and back when the pair is the busy one."""
+    req = SchedRequest(prompt_chars=400, prompt_tokens=100)
+    busy_colocated = Groups([inst("c1", 5), inst("c2", 4)], PREFILL, [inst("d1", 0), inst("d2", 1)])
+    d = schedule(req, busy_colocated, {}, POLICY)
+    assert (d.mode, d.record["mode_reason"]) == ("disaggregated", "group_imbalanced")
+    assert d.record["colocated_mean_inflight"] == 4.5 and d.record["decode_mean_inflight"] == 0.5
+    # Within the thresholds (gap 2, not more) the heatmap's choice stands.
+    near = Groups([inst("c1", 3), inst("c2", 3)], PREFILL, [inst("d1", 1), inst("d2", 1)])
+    assert schedule(req, near, {}, POLICY).mode == "colocated"
+    long_req = SchedRequest(prompt_chars=8000, prompt_tokens=2000)
+    busy_pair = Groups(COLO, PREFILL, [inst("d1", 9), inst("d2", 7)])
+    d = schedule(long_req, busy_pair, {}, POLICY)
+    assert (d.mode, d.record["mode_reason"]) == ("colocated", "group_imbalanced")
