@@ -162,7 +162,12 @@ def test_client_disconnect_aborts_the_request(live_server: LiveServer) -> None:
         with client.stream("POST", "/generate", json=body) as response:
             first = json.loads(next(response.iter_lines()))
             assert first["type"] == "delta"
-            assert live_server.engine.num_running == 1
+            # Read from this thread while the engine thread steps (a step may be moving the
+            # running queue): polled, not sampled once.
+            deadline = time.monotonic() + 5
+            while live_server.engine.num_running != 1:
+                assert time.monotonic() < deadline, "the request is not running"
+                time.sleep(0.01)
         # leaving the block closes the connection mid-stream
     wait_until_idle(live_server)
     health = httpx.get(live_server.url + "/health").json()
