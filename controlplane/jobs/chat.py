@@ -462,7 +462,7 @@ class ChatExecutor:
         self.recorder.move(
             task,
             TaskState.SUCCEEDED,
-            f"{prompt_tokens} prompt tokens prefilled; K/V handed over by {transport}",
+            f"{prompt_tokens} prompt tokens prefilled; K/V handed over by {handle.transport}",
             finished_at=self.clock(),
             **kv_fields(handle.transport, handle.num_bytes, handle.export_s),
         )

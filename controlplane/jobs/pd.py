@@ -210,8 +210,9 @@ async def run_prefill(
 
 
 async def drop_transfer(http: httpx.AsyncClient, handle: wire.KVHandle) -> None:
-    """Best effort: free K/V a decode task will never fetch (the instance's TTL is the backstop)."""
-    if handle.transport != "stream":
+    """Best effort: free K/V a decode task will never fetch (the instance's TTL is the backstop).
+    An shm file is the node's, out of reach; stream and cuda_ipc K/V are the prefill instance's."""
+    if handle.transport == "shm":
         return
     try:
         await http.delete(handle.location, timeout=2.0)

@@ -41,7 +41,7 @@ class SamplingSpec(Strict):
     priority: int = 0
 
 
-KVTransport = Literal["shm", "stream"]
+KVTransport = Literal["shm", "stream", "cuda_ipc"]
 
 
 class PrefillOnly(Strict):
@@ -49,8 +49,11 @@ class PrefillOnly(Strict):
     docs/pd.md): it runs the prompt, samples one token, exports the prompt's K/V and ends the
     stream with a `GenerateDone` whose `kv` says where the decode instance finds them."""
 
-    # shm: a file in the node's shared memory (same node); stream: the prefill instance keeps
-    # the bytes and serves them at `GET /kv/{transfer_id}` (any node), until fetched or expired.
+    # shm: the decode instance is on the same node. The prefill instance then keeps the K/V in
+    # its GPU's memory where its platform can share that (its handle says cuda_ipc), else writes
+    # them to a file in the node's shared memory (shm); cuda_ipc asks the same. stream: the
+    # prefill instance keeps the bytes and serves them at `GET /kv/{transfer_id}` (any node).
+    # Either way they wait until fetched or expired.
     transport: KVTransport = "shm"
 
 
@@ -59,9 +62,11 @@ class KVHandle(Strict):
 
     transfer_id: str = Field(min_length=1)
     transport: KVTransport
-    location: str  # shm: the file's path on the node; stream: the URL to GET
+    # shm: the file's path on the node; stream: the URL to GET; cuda_ipc: the transfer's URL on
+    # the prefill instance (POST <location>/share for a CUDA IPC handle, DELETE once copied)
+    location: str
     num_tokens: int = Field(ge=1)  # the prompt's tokens, whose K/V these are
-    num_bytes: int = Field(ge=0)
+    num_bytes: int = Field(ge=0)  # the serialized form (shm, stream), the tensor (cuda_ipc)
     first_token_id: int = Field(ge=0)
     export_s: float = Field(ge=0.0)  # device -> transfer buffer on the prefill instance
 

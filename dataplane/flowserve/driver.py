@@ -131,6 +131,7 @@ class EngineDriver:
                         params,
                         prefill_only=stream.prefill_only,
                         imported=imported,
+                        export_on_device=stream.export_on_device,
                     )
                 else:  # a plain request: the interface's three-argument form
                     self.engine.add_request(seq_id, stream.prompt_token_ids, params)

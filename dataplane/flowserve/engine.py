@@ -51,7 +51,13 @@ from dataplane.flowserve.kv_cache import (
 from dataplane.flowserve.model_runner import ModelRunner, PendingTokens
 from dataplane.flowserve.models import ModelConfig, load_model
 from dataplane.flowserve.platform import get_platform
-from dataplane.flowserve.prompt_kv import KVLayout, PendingExport, PromptKV, skip_first_draw
+from dataplane.flowserve.prompt_kv import (
+    KVLayout,
+    PendingExport,
+    PromptKV,
+    skip_first_draw,
+    start_export,
+)
 from dataplane.flowserve.sampler import Logprob, needs_host, sample, sample_tokens
 from dataplane.flowserve.sampling_params import SamplingParams
 from dataplane.flowserve.scheduler import ScheduledBatch, Scheduler
@@ -271,8 +277,10 @@ class Engine:
         *,
         prefill_only: bool = False,
         imported: PromptKV | None = None,
+        export_on_device: bool = False,
     ) -> None:
-        """`prefill_only`: generate exactly one token and export the prompt's K/V with it.
+        """`prefill_only`: generate exactly one token and export the prompt's K/V with it (left
+        on the device with `export_on_device`, for a hand-off through device memory).
         `imported`: the prompt's K/V and first token, computed elsewhere (a prefill instance):
         the sequence continues from them as if it had computed them itself. Raises
         InvalidRequest (KVMismatch for K/V that do not fit the prompt or this engine)."""
@@ -306,6 +314,7 @@ class Engine:
             max_tokens,
             priority=params.priority,
             prefill_only=prefill_only,
+            export_on_device=prefill_only and export_on_device,
         )
         if imported is not None and self._add_imported(seq, imported):
             return
@@ -406,8 +415,8 @@ class Engine:
                 continue
             started = time.perf_counter()
             gathered = self._runner.gather_kv(seq.block_table, seq.num_prompt_tokens)
-            host, event = self.platform.to_host_async(gathered)
-            exports[seq] = PendingExport(host, event, time.perf_counter() - started)
+            kv, event = start_export(gathered, self.platform, on_device=seq.export_on_device)
+            exports[seq] = PendingExport(kv, event, time.perf_counter() - started)
         return exports
 
     def _import(self, batch: ScheduledBatch) -> list[StepOutput]:

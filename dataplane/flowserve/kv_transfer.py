@@ -1,6 +1,6 @@
 """Moving a prefill's K/V to the decode instance (PD disaggregation, docs/flowserve.md).
 
-One serialized form for both transports:
+One serialized form for the two transports through the host:
 
     b"DFKV" | header length (uint32, little-endian) | JSON header | raw tensor bytes
 
@@ -18,9 +18,13 @@ Transports, each a pair of sides:
   `GET /kv/{transfer_id}` (a streamed body), forgetting them once fully sent; the decode instance
   fetches them with httpx, under one deadline for the whole body.
 
-`KVStore` is the prefill side of both: it counts the bytes it holds (refusing a transfer that
-would pass `max_bytes`) and drops what is not fetched within `ttl_s`, so an abandoned transfer
-never keeps memory or a file. `fetch` and `discard` are the decode side.
+A third, "cuda_ipc", moves no bytes through the host: the K/V stay in the prefill instance's
+device memory and the decode instance copies them from there (`kv_cuda_ipc`).
+
+`KVStore` is the prefill side of all three: it counts the bytes it holds (refusing a transfer
+that would pass `max_bytes`, or `max_device_bytes` of device memory) and drops what is not
+fetched within `ttl_s`, so an abandoned transfer never keeps memory or a file. `fetch` and
+`discard` are the decode side.
 
     FlowServeError
      └── KVTransferError      a transfer that cannot be stored, found, read or decoded
@@ -44,7 +48,9 @@ import torch
 from starlette.concurrency import run_in_threadpool
 
 from controlplane.wire import KVHandle, KVTransport
+from dataplane.flowserve.device_share import DeviceShareError
 from dataplane.flowserve.errors import FlowServeError
+from dataplane.flowserve.kv_cuda_ipc import SharedImports, fetch_shared
 from dataplane.flowserve.prompt_kv import PromptKV
 
 MAGIC = b"DFKV"
@@ -66,12 +72,20 @@ class KVTransferConfig:
 
     shm_dir: Path
     ttl_s: float = 60.0  # an unfetched transfer is dropped after this
-    max_bytes: int = 8 << 30  # held at once, both transports together
+    max_bytes: int = 8 << 30  # held at once, all transports together
     fetch_timeout_s: float = 30.0  # a decode instance's whole fetch
+    # Device memory held, on each side of cuda_ipc: unfetched exports (past it, an export goes
+    # by shm) and imports not yet written into KV blocks (past it, they wait on the host).
+    max_device_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
-        if self.ttl_s <= 0 or self.fetch_timeout_s <= 0 or self.max_bytes < 1:
-            raise ValueError("the KV transfer TTL, timeout and byte cap must be positive")
+        if (
+            self.ttl_s <= 0
+            or self.fetch_timeout_s <= 0
+            or self.max_bytes < 1
+            or self.max_device_bytes < 0
+        ):
+            raise ValueError("the KV transfer TTL, timeout and byte caps must be positive")
 
     @staticmethod
     def default_shm_dir() -> Path:
@@ -152,7 +166,7 @@ def decode(data: bytearray) -> PromptKV:
 class StoredTransfer:
     transfer_id: str
     transport: KVTransport
-    num_bytes: int  # of the serialized form
+    num_bytes: int  # of the serialized form; cuda_ipc: of the tensor
     path: Path | None  # shm: the file the decode instance reads
 
 
@@ -160,7 +174,8 @@ class StoredTransfer:
 class _Held:
     stored: StoredTransfer
     expires_at: float
-    kv: PromptKV | None  # stream: what GET /kv/{id} serves
+    kv: PromptKV | None  # stream: what GET /kv/{id} serves; cuda_ipc: the device buffer
+    shared: bool = False  # cuda_ipc: a handle of it was given out (once at most)
 
 
 class KVStore:
@@ -185,17 +200,32 @@ class KVStore:
         with self._lock:
             return len(self._held)
 
+    @property
+    def device_bytes(self) -> int:
+        """Of cuda_ipc transfers, held in device memory."""
+        with self._lock:
+            return self._device_bytes()
+
     def put(self, transfer_id: str, transport: KVTransport, kv: PromptKV) -> StoredTransfer:
-        """Hold `kv` for a decode instance. Raises KVTransferError when it would pass the byte
-        cap, or when its file cannot be written."""
+        """Hold `kv` for a decode instance: cuda_ipc K/V on the device, the others on the host.
+        Raises KVTransferError when it would pass a byte cap, or when its file cannot be
+        written."""
         header = encode_header(kv)
-        num_bytes = len(header) + kv.num_bytes
+        on_device = transport == "cuda_ipc"
+        num_bytes = kv.num_bytes if on_device else len(header) + kv.num_bytes
         with self._lock:
             held = sum(h.stored.num_bytes for h in self._held.values())
             if held + num_bytes > self.config.max_bytes:
                 raise KVTransferError(
                     f"this instance already holds {held} bytes of unfetched K/V; "
                     f"{num_bytes} more would pass its cap of {self.config.max_bytes}"
+                )
+            on_gpu = self._device_bytes()
+            if on_device and on_gpu + num_bytes > self.config.max_device_bytes:
+                raise KVTransferError(
+                    f"this instance already holds {on_gpu} bytes of unfetched K/V in device "
+                    f"memory; {num_bytes} more would pass its cap of "
+                    f"{self.config.max_device_bytes}"
                 )
             path = self._path(transfer_id) if transport == "shm" else None
             stored = StoredTransfer(transfer_id, transport, num_bytes, path)
@@ -215,10 +245,21 @@ class KVStore:
         the last chunk has been taken. None when it is unknown (fetched, expired, discarded)."""
         with self._lock:
             held = self._held.get(transfer_id)
-            kv = held.kv if held is not None else None
+            kv = held.kv if held is not None and held.stored.transport == "stream" else None
         if held is None or kv is None:
             return None
         return self._chunks(held, kv)
+
+    def claim(self, transfer_id: str) -> PromptKV | None:
+        """The device K/V of a cuda_ipc transfer, to share with a decode instance: once. None
+        when it is unknown, of another transport, or already claimed. It stays held (and
+        counted) until discarded or expired."""
+        with self._lock:
+            held = self._held.get(transfer_id)
+            if held is None or held.stored.transport != "cuda_ipc" or held.shared:
+                return None
+            held.shared = True
+            return held.kv
 
     def _chunks(self, held: _Held, kv: PromptKV) -> Iterator[bytes | memoryview]:
         yield encode_header(kv)
@@ -266,6 +307,11 @@ class KVStore:
     def _path(self, transfer_id: str) -> Path:
         return shm_path(self.config.shm_dir, transfer_id)
 
+    def _device_bytes(self) -> int:  # under the lock
+        return sum(
+            h.stored.num_bytes for h in self._held.values() if h.stored.transport == "cuda_ipc"
+        )
+
     @staticmethod
     def _write(path: Path, header: bytes, kv: PromptKV) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -292,6 +338,23 @@ class KVStore:
                 continue
 
 
+def hold_export(
+    store: KVStore, transfer_id: str, transport: KVTransport, kv: PromptKV, *, on_device: bool
+) -> StoredTransfer:
+    """Hold a prefill's exported K/V: on the host by `transport` (a same-node hand-off by shm),
+    or, when the engine left them on the device (a same-node hand-off on a platform that shares
+    device memory), by cuda_ipc; past the device cap those are copied to the host and go by shm.
+    Raises KVTransferError."""
+    if not on_device:
+        return store.put(transfer_id, "shm" if transport == "cuda_ipc" else transport, kv)
+    try:
+        return store.put(transfer_id, "cuda_ipc", kv)
+    except KVTransferError:
+        # A blocking copy, whatever device and stream this thread is on: the K/V are complete.
+        on_host = PromptKV(kv.kv.cpu(), kv.first_token_id, kv.prompt_digest, kv.export_s)
+        return store.put(transfer_id, "shm", on_host)
+
+
 def shm_path(shm_dir: Path, transfer_id: str) -> Path:
     """The file of an shm transfer. Raises KVTransferError for an id that is not a plain name."""
     if not transfer_id.replace("-", "").replace("_", "").isalnum():
@@ -309,28 +372,52 @@ class FetchedKV:
     fetch_s: float  # from asking to holding the bytes, decoded
 
 
-async def fetch(handle: KVHandle, config: KVTransferConfig, client: httpx.AsyncClient) -> FetchedKV:
-    """Take the K/V `handle` points at: read and delete the shm file, or GET the stream.
-    Raises KVTransferError for a transfer that is missing, expired, late or unreadable."""
+async def fetch(
+    handle: KVHandle,
+    config: KVTransferConfig,
+    client: httpx.AsyncClient,
+    imports: SharedImports | None = None,
+) -> FetchedKV:
+    """Take the K/V `handle` points at: read and delete the shm file, GET the stream, or copy
+    them from the prefill instance's device memory (cuda_ipc, through `imports`: None where
+    this instance's platform cannot). Raises KVTransferError for a transfer that is missing,
+    expired, late, unreadable, or that this instance cannot open."""
     started = time.perf_counter()
-    limit = min(handle.num_bytes, config.max_bytes)
     try:
         with anyio.fail_after(config.fetch_timeout_s):
-            if handle.transport == "shm":
-                data = await run_in_threadpool(_read_shm, handle, config.shm_dir, limit)
-            else:
-                data = await _read_stream(handle, client, limit)
+            kv, num_bytes = await _take(handle, config, client, imports)
     except TimeoutError as exc:
         raise KVTransferError(
             f"the K/V transfer {handle.transfer_id} took over {config.fetch_timeout_s} s"
         ) from exc
-    kv = decode(data)
     if (kv.num_tokens, kv.first_token_id) != (handle.num_tokens, handle.first_token_id):
         raise KVTransferError(
             f"transfer {handle.transfer_id} holds {kv.num_tokens} tokens and first token "
             f"{kv.first_token_id}; its handle says {handle.num_tokens} and {handle.first_token_id}"
         )
-    return FetchedKV(kv, len(data), time.perf_counter() - started)
+    return FetchedKV(kv, num_bytes, time.perf_counter() - started)
+
+
+async def _take(
+    handle: KVHandle,
+    config: KVTransferConfig,
+    client: httpx.AsyncClient,
+    imports: SharedImports | None,
+) -> tuple[PromptKV, int]:
+    """The K/V and the bytes moved."""
+    limit = min(handle.num_bytes, config.max_bytes)
+    if handle.transport == "shm":
+        data = await run_in_threadpool(_read_shm, handle, config.shm_dir, limit)
+        return decode(data), len(data)
+    if handle.transport == "stream":
+        data = await _read_stream(handle, client, limit)
+        return decode(data), len(data)
+    _check_stream_url(handle)
+    try:
+        kv = await fetch_shared(handle, client, imports)
+    except DeviceShareError as exc:
+        raise KVTransferError(f"K/V transfer {handle.transfer_id} by cuda_ipc: {exc}") from exc
+    return kv, kv.num_bytes
 
 
 async def discard(handle: KVHandle, config: KVTransferConfig, client: httpx.AsyncClient) -> None:

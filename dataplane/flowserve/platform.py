@@ -7,6 +7,7 @@ The engine asks `get_platform(device)` and never branches on the device's name i
     platform.free_memory()            # bytes free now
     platform.supports_graphs          # decode can be captured and replayed
     platform.triton_kernels           # FlowServe's Triton kernels run here
+    platform.device_share()           # CUDA IPC with other instances of the node, or None
 
 `torch_npu` is imported only by `NpuPlatform`, when an NPU is asked for.
 """
@@ -17,11 +18,14 @@ import contextlib
 import functools
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dataplane.flowserve.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dataplane.flowserve.device_share import DeviceShare
 
 CUDA_KV_FRACTION = 0.85
 CPU_KV_FRACTION = 0.1
@@ -114,6 +118,12 @@ class Platform:
         assert isinstance(handle, torch.Tensor)
         return handle
 
+    def device_share(self) -> DeviceShare | None:
+        """How another instance of the node opens this device's memory (a prefill's K/V handed
+        over without the host, dataplane.flowserve.device_share), or None where it cannot: the
+        host, whose K/V go through files."""
+        return None
+
     def num_compute_units(self) -> int:
         """Cores on a host, SMs on a GPU: what a semi-PD split divides between workers."""
         return torch.get_num_threads()
@@ -146,6 +156,11 @@ class CudaPlatform(Platform):
         self.triton_kernels = _triton_importable()
 
     def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        if host.is_cuda:  # e.g. K/V copied from another instance's GPU on a stream of their own
+            tensor = host.to(self.device, non_blocking=True)
+            # Its memory stays reserved until what is launched now on this stream has run.
+            tensor.record_stream(torch.cuda.current_stream(tensor.device))
+            return tensor
         # A copy from pageable memory waits for the stream to drain; from pinned memory it does
         # not. The caching host allocator keeps the pinned buffer until the copy has run.
         return host.pin_memory().to(self.device, non_blocking=True)
@@ -207,6 +222,11 @@ class CudaPlatform(Platform):
         rebuild, args = handle
         tensor: torch.Tensor = rebuild(*args)
         return tensor
+
+    def device_share(self) -> DeviceShare | None:
+        from dataplane.flowserve.device_share import CudaIpc
+
+        return CudaIpc(self.device)
 
     def num_compute_units(self) -> int:
         return int(torch.cuda.get_device_properties(self.device).multi_processor_count)
@@ -288,6 +308,9 @@ class NpuPlatform(CudaPlatform):
 
     def sm_partition(self, num_units: int) -> contextlib.AbstractContextManager[None]:
         raise ConfigError("SM partitions are not available on NPUs")
+
+    def device_share(self) -> DeviceShare | None:
+        return None  # no IPC here yet: K/V go through the host
 
 
 _PLATFORMS: dict[str, type[Platform]] = {

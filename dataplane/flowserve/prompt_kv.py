@@ -7,7 +7,9 @@ layout depends on neither side's block size, so a prefill and a decode instance 
 caches differently. K is stored as the cache holds it, i.e. after rotary embedding.
 
 `gather_kv` and `scatter_kv` move tokens between that layout and the paged cache with index ops
-on whatever device the cache lives on; the platform does the copies to and from the host.
+on whatever device the cache lives on; the platform does the copies to and from the host. An
+export for a hand-off through device memory (transport cuda_ipc) stays on the device instead,
+and an import taken that way arrives on the device.
 """
 
 from __future__ import annotations
@@ -66,10 +68,10 @@ class KVLayout:
 
 @dataclass(frozen=True, slots=True)
 class PromptKV:
-    """The K/V of a prompt's tokens in every layer, on the host, and the token sampled after it.
-    `prompt_digest` names the prompt (`prompt_digest()`), so that an importer can tell it from
-    another of the same length; `export_s`: seconds the exporting engine spent gathering the K/V
-    and copying them to the host."""
+    """The K/V of a prompt's tokens in every layer, on the host (or on the device, for a hand-off
+    through device memory), and the token sampled after it. `prompt_digest` names the prompt
+    (`prompt_digest()`), so that an importer can tell it from another of the same length;
+    `export_s`: seconds the exporting engine spent gathering the K/V and copying them out."""
 
     kv: torch.Tensor  # [num_layers, 2, num_tokens, num_kv_heads, head_dim], contiguous
     first_token_id: int
@@ -99,10 +101,10 @@ class PromptKV:
 
 @dataclass(slots=True)
 class PendingExport:
-    """A prompt's K/V on their way to the host: gathered and copied behind the forward pass that
-    computed them, complete once `event` is."""
+    """A prompt's K/V on their way out: gathered (and copied to the host) behind the forward pass
+    that computed them, complete once `event` is."""
 
-    host: torch.Tensor  # [layers, 2, num_prompt_tokens, heads, dim]
+    kv: torch.Tensor  # [layers, 2, num_prompt_tokens, heads, dim] on the host, or the device
     event: Any  # None where the copy is already complete
     launch_s: float  # host time spent launching the gather and the copy
 
@@ -112,7 +114,22 @@ class PendingExport:
             self.event.synchronize()
         waited = time.perf_counter() - started
         digest = prompt_digest(prompt_token_ids)
-        return PromptKV(self.host, first_token_id, digest, self.launch_s + waited)
+        return PromptKV(self.kv, first_token_id, digest, self.launch_s + waited)
+
+
+def start_export(
+    gathered: torch.Tensor, platform: Platform, *, on_device: bool
+) -> tuple[torch.Tensor, Any]:
+    """(K/V, event) of gathered K/V: copied to the host (pinned where the platform has that), or
+    left on the device for a hand-off through device memory; complete once the event is (None:
+    already). The event is waited for either way, so that the K/V are whole before anything
+    reads them, whichever stream or process that is."""
+    if not on_device:
+        return platform.to_host_async(gathered)
+    event = platform.event()
+    if event is not None:
+        event.record()
+    return gathered, event
 
 
 def prompt_digest(token_ids: list[int]) -> str:
@@ -156,14 +173,15 @@ def gather_kv(
 def scatter_kv(
     kv_caches: Sequence[KVCache], platform: Platform, slots: Sequence[int], kv: torch.Tensor
 ) -> None:
-    """Write host K/V `[num_layers, 2, len(slots), heads, dim]` into the cache at `slots`. The
-    upload does not wait for the device; work launched later on its stream sees the K/V."""
+    """Write K/V `[num_layers, 2, len(slots), heads, dim]` (on the host, or already on a device)
+    into the cache at `slots`. The upload does not wait for the device; work launched later on
+    its stream sees the K/V."""
     if kv.shape[0] != len(kv_caches) or kv.shape[2] != len(slots):
         raise ValueError(f"K/V of shape {list(kv.shape)} for {len(slots)} slots")
     if not slots:
         return
     index = platform.to_device(torch.tensor(slots, dtype=torch.long))
-    on_device = platform.to_device(kv.contiguous())
+    on_device = platform.to_device(kv).contiguous()
     for layer, (k, v) in enumerate(kv_caches):
         k.flatten(0, 1).index_copy_(0, index, on_device[layer, 0])
         v.flatten(0, 1).index_copy_(0, index, on_device[layer, 1])

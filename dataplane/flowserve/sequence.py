@@ -55,6 +55,7 @@ class Sequence:
     # them into its blocks instead of computing the prompt, then drops them (a later preemption
     # recomputes, as for any sequence).
     prefill_only: bool = False
+    export_on_device: bool = False  # its K/V stay on the device (a hand-off by device memory)
     imported_kv: PromptKV | None = None
 
     @property

@@ -5,15 +5,17 @@
     POST   /abort/{request_id} {"request_id", "aborted"}
     GET    /metrics            Prometheus text
     GET    /kv/{transfer_id}   a prefill's exported K/V (transport "stream"), streamed once
+    POST   /kv/{transfer_id}/share   a CUDA IPC handle of them (transport "cuda_ipc"), once
     DELETE /kv/{transfer_id}   {"transfer_id", "deleted"}
 
 The lifespan loads the engine and starts the one thread that drives it (`EngineDriver`). Handlers
 hand work to that thread and read events back from a per-request asyncio queue.
 
 PD disaggregation (docs/flowserve.md): a `prefill_only` request's stream is one GenerateDone
-whose `kv` is the handle of its stored K/V (`kv_transfer.KVStore`); a `kv_source` request first
-fetches the K/V (409 `kv_mismatch` when they are not of its prompt, 409 `kv_transfer_failed`
-when they cannot be had), then streams as any other.
+whose `kv` is the handle of its stored K/V (`kv_transfer.KVStore`; on the device, for cuda_ipc,
+where a same-node hand-off is asked for and the platform shares device memory); a `kv_source`
+request first fetches the K/V (409 `kv_mismatch` when they are not of its prompt, 409
+`kv_transfer_failed` when they cannot be had), then streams as any other.
 """
 
 from __future__ import annotations
@@ -47,16 +49,20 @@ from controlplane.wire import (
     InstanceRole,
     KVHandle,
     KVTransport,
+    PrefillOnly,
 )
+from dataplane.flowserve.device_share import DeviceShare, DeviceShareError
 from dataplane.flowserve.driver import EngineDriver, Event
 from dataplane.flowserve.engine import Engine
 from dataplane.flowserve.errors import InvalidRequest, PromptTooLong
+from dataplane.flowserve.kv_cuda_ipc import SharedImports, share_answer
 from dataplane.flowserve.kv_transfer import (
     KVStore,
     KVTransferConfig,
     KVTransferError,
     discard,
     fetch,
+    hold_export,
 )
 from dataplane.flowserve.metrics import CONTENT_TYPE, Metrics
 from dataplane.flowserve.prompt_kv import KVMismatch
@@ -81,6 +87,8 @@ class _Instance:
     http: httpx.AsyncClient  # fetches imported K/V
     startup: StartupClock | None = None
     role: InstanceRole = "colocated"
+    device_share: DeviceShare | None = None  # its platform's: exports K/V by cuda_ipc
+    kv_imports: SharedImports | None = None  # imports K/V by cuda_ipc
     in_flight: set[str] = field(default_factory=set)
 
 
@@ -198,6 +206,7 @@ async def generate(request: Request) -> Response:
         inst.token_texts,
         prompt.text if req.echo else None,
         prefill_only=req.prefill_only is not None,
+        export_on_device=_export_on_device(inst, req.prefill_only),
         kv_source=kv_source,
     )
     subscription = _Subscription()
@@ -214,13 +223,23 @@ async def generate(request: Request) -> Response:
     export = None
     if req.prefill_only is not None:
         transport = req.prefill_only.transport
+        on_device = stream.export_on_device
 
         async def export(event: KVExported) -> Event:
-            return await _export_kv(inst, _kv_url_base(request), transport, event)
+            return await _export_kv(inst, _kv_url_base(request), transport, on_device, event)
 
     inst.in_flight.add(req.request_id)
     inst.driver.submit(stream, sink)
     return EventStream(subscription.lines(export), close)
+
+
+def _export_on_device(inst: _Instance, prefill_only: PrefillOnly | None) -> bool:
+    """A same-node hand-off from a platform that shares device memory: the K/V stay there."""
+    return (
+        prefill_only is not None
+        and prefill_only.transport != "stream"
+        and inst.device_share is not None
+    )
 
 
 def _duplicate(request_id: str) -> Response:
@@ -250,7 +269,7 @@ async def _import_kv(
         metrics.record_kv_transfer("import", "mismatch")
         return error_response(409, unfit, param="kv_source", code="kv_mismatch")
     try:
-        fetched = await fetch(handle, inst.kv_store.config, inst.http)
+        fetched = await fetch(handle, inst.kv_store.config, inst.http, inst.kv_imports)
     except KVTransferError as exc:
         metrics.record_kv_transfer("import", "failed")
         return error_response(409, str(exc), param="kv_source", code="kv_transfer_failed")
@@ -264,20 +283,24 @@ async def _import_kv(
 
 
 async def _export_kv(
-    inst: _Instance, url_base: str, transport: KVTransport, event: KVExported
+    inst: _Instance, url_base: str, transport: KVTransport, on_device: bool, event: KVExported
 ) -> Event:
     """Store a prefill's K/V for the decode instance; the done event with their handle."""
     transfer_id = uuid.uuid4().hex
     started = time.perf_counter()
     try:
-        stored = await run_in_threadpool(inst.kv_store.put, transfer_id, transport, event.kv)
+        stored = await run_in_threadpool(
+            lambda: hold_export(
+                inst.kv_store, transfer_id, transport, event.kv, on_device=on_device
+            )
+        )
     except KVTransferError as exc:
         inst.metrics.record_kv_transfer("export", "failed")
         return GenerateError(message=str(exc), code="kv_export_failed")
     inst.metrics.record_kv_transfer("export", "ok", stored.num_bytes)
     handle = KVHandle(
         transfer_id=transfer_id,
-        transport=transport,
+        transport=stored.transport,
         location=str(stored.path) if stored.path is not None else f"{url_base}/kv/{transfer_id}",
         num_tokens=event.kv.num_tokens,
         num_bytes=stored.num_bytes,
@@ -307,6 +330,30 @@ async def kv_get(request: Request) -> Response:
             code="kv_transfer_not_found",
         )
     return StreamingResponse(chunks, media_type="application/octet-stream")
+
+
+async def kv_share(request: Request) -> Response:
+    """A decode instance of this node asks for a handle of a cuda_ipc transfer's device memory;
+    it copies the K/V, then deletes the transfer."""
+    inst = _instance(request)
+    transfer_id = request.path_params["transfer_id"]
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return error_response(400, "the body is not valid JSON")
+    kv = inst.kv_store.claim(transfer_id)
+    if kv is None or inst.device_share is None:
+        return error_response(
+            404,
+            f"no K/V transfer {transfer_id!r} to share here (taken, expired or never made)",
+            code="kv_transfer_not_found",
+        )
+    try:
+        answer = await run_in_threadpool(share_answer, kv, body, inst.device_share)
+    except DeviceShareError as exc:
+        inst.kv_store.discard(transfer_id)  # the one decode instance sent it cannot open it
+        return error_response(409, str(exc), code="kv_share_refused")
+    return JSONResponse(answer)
 
 
 async def kv_delete(request: Request) -> Response:
@@ -360,6 +407,8 @@ def create_app(
         metrics.watch(lambda: driver.stats)
         kv_store = KVStore(kv_config)
         http = httpx.AsyncClient(timeout=kv_config.fetch_timeout_s)
+        share = engine.platform.device_share()
+        imports = None if share is None else SharedImports(share, kv_config.max_device_bytes)
         app.state.instance = _Instance(
             engine,
             driver,
@@ -371,6 +420,8 @@ def create_app(
             http,
             startup,
             role,
+            device_share=share,
+            kv_imports=imports,
         )
         driver.start()
         if startup is not None:
@@ -392,6 +443,7 @@ def create_app(
         Route("/abort/{request_id:path}", abort, methods=["POST"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/kv/{transfer_id}", kv_get, methods=["GET"]),
+        Route("/kv/{transfer_id}/share", kv_share, methods=["POST"]),
         Route("/kv/{transfer_id}", kv_delete, methods=["DELETE"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -87,8 +87,11 @@ class RequestStream:
         prompt_text: str | None = None,
         *,
         prefill_only: bool = False,
+        export_on_device: bool = False,
         kv_source: KVSource | None = None,
     ) -> None:
+        """`export_on_device`: a prefill-only request's K/V stay on the device (a hand-off
+        through device memory)."""
         if (prefill_only or kv_source is not None) and len(params) != 1:
             raise ValueError("a disaggregated request has one choice")
         self.request_id = request_id
@@ -96,7 +99,19 @@ class RequestStream:
         self.params = list(params)
         self.prompt_text = prompt_text
         self.prefill_only = prefill_only
-        self._kv_source = kv_source
+        self.export_on_device = prefill_only and export_on_device
+        # Only the K/V themselves go to the engine (`take_imported`): once written they are
+        # freed, not kept for as long as the request streams (they may be in device memory).
+        self._kv_import = (
+            None
+            if kv_source is None
+            else KVImport(
+                transport=kv_source.transport,
+                num_bytes=kv_source.num_bytes,
+                fetch_s=kv_source.fetch_s,
+                import_s=0.0,
+            )
+        )
         self._imported = kv_source.kv if kv_source is not None else None
         self._import_s = 0.0
         self._exported: PromptKV | None = None
@@ -130,19 +145,14 @@ class RequestStream:
         return imported
 
     def done(self) -> GenerateDone | GenerateError | KVExported:
-        source = self._kv_source
+        kv_import = self._kv_import
         done = GenerateDone(
             prompt_tokens=len(self.prompt_token_ids),
             completion_tokens=self.completion_tokens,
             prompt_text=self.prompt_text,
             kv_import=None
-            if source is None
-            else KVImport(
-                transport=source.transport,
-                num_bytes=source.num_bytes,
-                fetch_s=source.fetch_s,
-                import_s=self._import_s,
-            ),
+            if kv_import is None
+            else kv_import.model_copy(update={"import_s": self._import_s}),
         )
         if not self.prefill_only:
             return done

@@ -1,9 +1,13 @@
 """PD disaggregation through real instance servers (uvicorn on loopback, in this process): a
 prefill instance exports, a decode instance imports over either transport, and the text equals
-a colocated /generate's; mismatched and missing transfers are 409s; unfetched transfers expire."""
+a colocated /generate's; mismatched and missing transfers are 409s; unfetched transfers expire.
+cuda_ipc: on the host a same-node hand-off stays the shm file and a cuda_ipc handle is a 409
+kv_transfer_failed; its protocol runs end to end with a stand-in for the platform's device
+share (FakeShare)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -15,11 +19,14 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from test_flowserve_pd_transfer import FakeShare
 
 from controlplane.wire import GenerateDelta, GenerateDone, GenerateError, InstanceRole, KVHandle
 from dataplane.flowserve.config import EngineConfig
+from dataplane.flowserve.device_share import RUNTIME, SharePeer
 from dataplane.flowserve.engine import Engine
 from dataplane.flowserve.kv_transfer import KVStore, KVTransferConfig
+from dataplane.flowserve.platform import Platform
 from dataplane.flowserve.server import create_app
 
 GREEDY = {"temperature": 0.0, "max_tokens": 16, "ignore_eos": True}
@@ -257,3 +264,157 @@ def test_a_full_store_fails_the_prefill(tiny_model_dir: Path, tmp_path: Path) ->
         error = GenerateError.model_validate_json(line)
         assert error.code == "kv_export_failed" and "cap" in error.message
         assert prefill.engine.block_manager.num_free_blocks == prefill.engine.num_kv_blocks
+
+
+# --- cuda_ipc ----------------------------------------------------------------------------------
+
+
+def test_the_host_hands_over_same_node_kv_by_shm(pair: tuple[Instance, Instance]) -> None:
+    """A CPU prefill instance shares no device memory: a same-node hand-off is the shm file as
+    ever, whichever of the two the control plane asks for."""
+    prefill, decode = pair
+    body = {"prompt": "Hello there", "sampling": GREEDY}
+    for i, asked in enumerate(("shm", "cuda_ipc")):
+        handle = prefill.prefill({**body, "request_id": f"h-p{i}"}, asked)
+        assert handle.transport == "shm" and Path(handle.location).exists()
+        deltas, done = decode.generate(
+            {**body, "request_id": f"h-d{i}", "kv_source": handle.model_dump()}
+        )
+        assert done.kv_import is not None and done.kv_import.transport == "shm"
+
+
+def test_a_cuda_ipc_handle_reaching_a_cpu_instance_fails_the_transfer(
+    pair: tuple[Instance, Instance],
+) -> None:
+    prefill, decode = pair
+    body = {"prompt": "Hello there", "sampling": GREEDY}
+    held = prefill.prefill({**body, "request_id": "ipc-p"}, "stream")
+    handle = held.model_copy(update={"transport": "cuda_ipc"})
+    response = decode.post({**body, "request_id": "ipc-d", "kv_source": handle.model_dump()})
+    assert response.status_code == 409
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("kv_transfer_failed", "kv_source")
+    assert "cannot map another process's device memory" in error["message"]
+    # It asked for no handle, and dropped the transfer: the prefill instance holds nothing.
+    assert httpx.get(held.location).status_code == 404
+    assert decode.metric(transfers("import", "failed")) >= 1
+
+
+@contextlib.contextmanager
+def sharing(share: FakeShare, *instances: Instance) -> Iterator[None]:
+    """`instances` started on a host platform that shares memory as a GPU's does (a stand-in
+    for CUDA IPC, which test_flowserve_pd_ipc_gpu covers), serving until the block ends."""
+    with contextlib.ExitStack() as stack:
+        with pytest.MonkeyPatch.context() as patch:  # read once, as each instance starts
+            patch.setattr(Platform, "device_share", lambda self: share)
+            for instance in instances:
+                stack.enter_context(instance)
+        yield
+
+
+@pytest.fixture(scope="module")
+def ipc_pair(tiny_model_dir: Path, shm_dir: Path) -> Iterator[tuple[Instance, Instance, FakeShare]]:
+    share = FakeShare()
+    kv = KVTransferConfig(shm_dir, fetch_timeout_s=10.0)
+    prefill = Instance(tiny_model_dir, "prefill", kv, block_size=4, max_num_batched_tokens=8)
+    decode = Instance(tiny_model_dir, "decode", kv)
+    with sharing(share, prefill, decode):
+        yield prefill, decode, share
+
+
+def test_cuda_ipc_hand_off_equals_colocated(
+    ipc_pair: tuple[Instance, Instance, FakeShare],
+) -> None:
+    prefill, decode, share = ipc_pair
+    for i, body in enumerate(BODIES):
+        body = {**body, "sampling": GREEDY}
+        colocated, _ = prefill.generate({**body, "request_id": f"ic-{i}"})
+
+        handle = prefill.prefill({**body, "request_id": f"ip-{i}"}, "shm")
+        assert handle.transport == "cuda_ipc"
+        assert handle.location == f"{prefill.url}/kv/{handle.transfer_id}"
+        assert prefill.kv_store.device_bytes == handle.num_bytes > 0
+
+        body = {**body, "request_id": f"id-{i}", "kv_source": handle.model_dump()}
+        deltas, done = decode.generate(body)
+        assert [t for d in deltas for t in d.token_ids] == [
+            t for d in colocated for t in d.token_ids
+        ]
+        assert text_of(deltas) == text_of(colocated)
+        assert done.kv_import is not None
+        assert (done.kv_import.transport, done.kv_import.num_bytes) == (
+            "cuda_ipc",
+            handle.num_bytes,
+        )
+        # Copied, then deleted on the prefill instance: its buffer is gone.
+        assert prefill.kv_store.num_transfers == 0 and prefill.kv_store.device_bytes == 0
+        assert share.shared == {}
+        again = decode.post({**body, "request_id": f"iagain-{i}"})
+        assert again.status_code == 409
+        assert again.json()["error"]["code"] == "kv_transfer_failed"
+
+    # Across nodes the K/V still go by stream.
+    handle = prefill.prefill({**BODIES[0], "sampling": GREEDY, "request_id": "is"}, "stream")
+    assert handle.transport == "stream" and prefill.kv_store.device_bytes == 0
+    assert httpx.delete(handle.location).json()["deleted"]
+
+
+def test_a_share_goes_only_to_a_peer_that_can_open_it(
+    ipc_pair: tuple[Instance, Instance, FakeShare],
+) -> None:
+    prefill, _, share = ipc_pair
+    body = {"prompt": "Hello", "sampling": GREEDY}
+    handle = prefill.prefill({**body, "request_id": "r-p"}, "shm")
+    url = f"{handle.location}/share"
+    assert httpx.post(url, content=b"{").status_code == 400
+    assert prefill.kv_store.num_transfers == 1  # a bad request takes nothing
+
+    other_gpu = SharePeer(RUNTIME, ("GPU-elsewhere",)).to_json()
+    response = httpx.post(url, json={"peer": other_gpu})
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "kv_share_refused"
+    assert "cannot map" in response.json()["error"]["message"]
+    assert prefill.kv_store.num_transfers == 0 and share.shared == {}  # dropped, not shared
+
+    handle = prefill.prefill({**body, "request_id": "r-p2"}, "shm")
+    url = f"{handle.location}/share"
+    first = httpx.post(url, json={"peer": share.peer().to_json()})
+    assert first.status_code == 200 and first.json()["first_token_id"] == handle.first_token_id
+    assert httpx.post(url, json={"peer": share.peer().to_json()}).status_code == 404  # once
+    assert httpx.get(handle.location).status_code == 404  # nor through the host
+    assert httpx.delete(handle.location).json()["deleted"]
+    assert prefill.kv_store.device_bytes == 0
+    share.shared.clear()
+
+
+def test_unfetched_cuda_ipc_transfers_expire(tiny_model_dir: Path, tmp_path: Path) -> None:
+    share = FakeShare()
+    prefill = Instance(tiny_model_dir, "prefill", KVTransferConfig(tmp_path, ttl_s=0.4))
+    with sharing(share, prefill):
+        body = {"prompt": "Hello", "sampling": GREEDY}
+        handle = prefill.prefill({**body, "request_id": "ie"}, "shm")
+        assert handle.transport == "cuda_ipc" and prefill.kv_store.device_bytes > 0
+        deadline = time.monotonic() + 5
+        while prefill.kv_store.num_transfers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert prefill.kv_store.num_transfers == 0 and prefill.kv_store.device_bytes == 0
+        assert prefill.metric(transfers("export", "expired")) == 1
+        shared = httpx.post(f"{handle.location}/share", json={"peer": share.peer().to_json()})
+        assert shared.status_code == 404
+
+
+def test_past_the_device_cap_kv_go_by_shm(tiny_model_dir: Path, tmp_path: Path) -> None:
+    share = FakeShare()
+    kv = KVTransferConfig(tmp_path, max_device_bytes=1)
+    prefill = Instance(tiny_model_dir, "prefill", kv)
+    decode = Instance(tiny_model_dir, "decode", kv)
+    with sharing(share, prefill, decode):
+        body = {"prompt": "Hello there", "sampling": GREEDY}
+        colocated, _ = prefill.generate({**body, "request_id": "cap-c"})
+        handle = prefill.prefill({**body, "request_id": "cap-p"}, "shm")
+        assert handle.transport == "shm" and Path(handle.location).exists()
+        deltas, done = decode.generate(
+            {**body, "request_id": "cap-d", "kv_source": handle.model_dump()}
+        )
+        assert text_of(deltas) == text_of(colocated)
+        assert done.kv_import is not None and done.kv_import.transport == "shm"

@@ -1,19 +1,36 @@
 """The K/V transfer's serialized form and the prefill side's store: round trips in every dtype,
 corrupt input refused, a byte cap, expiry of unfetched transfers (memory and files), and the
-decode side's checks on where it reads from."""
+decode side's checks on where it reads from. cuda_ipc's protocol with a stand-in for the
+platform's device share: held once in device memory under its own cap, spilled to shm past it,
+the decode side's fetch (and its refusal where it cannot map device memory), and the CUDA
+handle's JSON form."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import gc
+import json
 import os
 import time
+import uuid
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import torch
 
 from controlplane.wire import KVHandle
+from dataplane.flowserve.device_share import (
+    RUNTIME,
+    DeviceShareError,
+    SharePeer,
+    decode_handle,
+    encode_handle,
+)
+from dataplane.flowserve.kv_cuda_ipc import SharedImports, share_answer
 from dataplane.flowserve.kv_transfer import (
     KVStore,
     KVTransferConfig,
@@ -21,6 +38,7 @@ from dataplane.flowserve.kv_transfer import (
     decode,
     encode_header,
     fetch,
+    hold_export,
     payload,
     serialized_size,
 )
@@ -160,3 +178,205 @@ async def shm_fetch(tmp_path: Path) -> None:
         )
         with pytest.raises(KVTransferError, match="its handle says"):
             await fetch(wrong, config, client)
+
+
+# --- cuda_ipc, its protocol on the CPU (CUDA IPC itself: test_flowserve_pd_ipc_gpu) -----------
+
+
+class FakeShare:
+    """The DeviceShare protocol within one process, without a GPU: a handle names a tensor in
+    a registry and is taken once, as a CUDA IPC handle is."""
+
+    def __init__(self, gpu: str = "GPU-0") -> None:
+        self.gpu = gpu
+        self.shared: dict[str, torch.Tensor] = {}
+        self.to_host: list[bool] = []  # of each take
+
+    def peer(self) -> SharePeer:
+        return SharePeer(RUNTIME, (self.gpu,))
+
+    def share(self, tensor: torch.Tensor, peer: SharePeer) -> dict[str, Any]:
+        if self.gpu not in peer.devices:
+            raise DeviceShareError(
+                f"the tensor is on GPU {self.gpu}, which the importer cannot map"
+            )
+        key = uuid.uuid4().hex
+        self.shared[key] = tensor
+        return {"key": key}
+
+    def take(self, shared: Mapping[str, Any], *, num_bytes: int, to_host: bool) -> torch.Tensor:
+        tensor = self.shared.pop(shared.get("key", ""), None)
+        if tensor is None:
+            raise DeviceShareError("no such handle")
+        assert tensor.numel() * tensor.element_size() == num_bytes
+        self.to_host.append(to_host)
+        return tensor.clone()
+
+
+def ipc_handle(kv: PromptKV, transfer_id: str = "t1") -> KVHandle:
+    return KVHandle(
+        transfer_id=transfer_id,
+        transport="cuda_ipc",
+        location=f"http://prefill:8000/kv/{transfer_id}",
+        num_tokens=kv.num_tokens,
+        num_bytes=kv.num_bytes,
+        first_token_id=kv.first_token_id,
+        export_s=0.0,
+    )
+
+
+def test_store_holds_cuda_ipc_transfers_in_device_memory_and_shares_them_once(
+    tmp_path: Path,
+) -> None:
+    kv = sample_kv()
+    clock = Clock()
+    config = KVTransferConfig(tmp_path, ttl_s=10.0, max_device_bytes=2 * kv.num_bytes)
+    store = KVStore(config, clock=clock)
+    stored = store.put("a", "cuda_ipc", kv)
+    assert (stored.transport, stored.num_bytes, stored.path) == ("cuda_ipc", kv.num_bytes, None)
+    assert store.device_bytes == kv.num_bytes and list(tmp_path.iterdir()) == []
+    assert store.stream("a") is None  # not served through the host
+    assert store.claim("a") is kv
+    assert store.claim("a") is None  # one handle per transfer
+    assert store.device_bytes == kv.num_bytes  # held until the decode instance deletes it
+
+    store.put("b", "cuda_ipc", kv)
+    with pytest.raises(KVTransferError, match="device memory"):
+        store.put("c", "cuda_ipc", kv)
+    store.put("c", "stream", kv)  # the device cap is the device's alone
+    assert store.claim("c") is None and store.claim("nope") is None
+
+    assert store.discard("a") and store.device_bytes == kv.num_bytes
+    clock.now += 10.0
+    assert {t.transfer_id for t in store.expire()} == {"b", "c"}
+    assert store.device_bytes == 0 and store.num_bytes == 0
+
+
+def test_exports_on_the_device_go_by_shm_past_the_device_cap(tmp_path: Path) -> None:
+    kv = sample_kv()
+    store = KVStore(KVTransferConfig(tmp_path, max_device_bytes=kv.num_bytes))
+    held = hold_export(store, "d1", "shm", kv, on_device=True)
+    assert held.transport == "cuda_ipc" and held.path is None
+    spilled = hold_export(store, "d2", "shm", kv, on_device=True)
+    assert spilled.transport == "shm" and spilled.path == tmp_path / "d2.kv"
+    assert decode(bytearray(spilled.path.read_bytes())).kv.equal(kv.kv)
+    # K/V on the host keep the transport asked for (cuda_ipc of the host: the shm file).
+    assert hold_export(store, "h1", "shm", kv, on_device=False).transport == "shm"
+    assert hold_export(store, "h2", "stream", kv, on_device=False).transport == "stream"
+    assert hold_export(store, "h3", "cuda_ipc", kv, on_device=False).transport == "shm"
+
+
+class Recorder:
+    """A prefill instance's K/V routes, answered in process (httpx.MockTransport)."""
+
+    def __init__(self, kv: PromptKV, share: FakeShare, status: int = 200) -> None:
+        self.kv, self.share, self.status = kv, share, status
+        self.requests: list[tuple[str, str]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append((request.method, request.url.path))
+        if request.method == "DELETE":
+            return httpx.Response(200, json={"deleted": True})
+        if self.status != 200:
+            body = {"error": {"message": "the importer cannot map it", "type": "x"}}
+            return httpx.Response(self.status, json=body)
+        answer = share_answer(self.kv, json.loads(request.content), self.share)
+        return httpx.Response(200, json=answer)
+
+
+def test_cuda_ipc_fetch_takes_the_shared_kv_then_deletes_the_transfer(tmp_path: Path) -> None:
+    asyncio.run(cuda_ipc_fetch(tmp_path))
+
+
+async def cuda_ipc_fetch(tmp_path: Path) -> None:
+    kv, share = sample_kv(torch.bfloat16), FakeShare()
+    config = KVTransferConfig(tmp_path)
+    handle = ipc_handle(kv)
+    recorder = Recorder(kv, share)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(recorder)) as client:
+        imports = SharedImports(share, config.max_device_bytes)
+        fetched = await fetch(handle, config, client, imports)
+        assert torch.equal(fetched.kv.kv, kv.kv) and fetched.kv.prompt_digest == kv.prompt_digest
+        assert fetched.num_bytes == kv.num_bytes == handle.num_bytes
+        assert share.to_host == [False]  # a copy of its own, in device memory
+        assert recorder.requests == [("POST", "/kv/t1/share"), ("DELETE", "/kv/t1")]
+
+        # A decode instance whose platform cannot map device memory asks for no handle, and
+        # drops the transfer so that the prefill instance frees it now.
+        recorder.requests.clear()
+        with pytest.raises(KVTransferError, match="cannot map another process's device memory"):
+            await fetch(handle, config, client, None)
+        assert recorder.requests == [("DELETE", "/kv/t1")]
+
+        # A prefill instance that refuses the share: the fetch fails, the transfer is dropped.
+        refusing = Recorder(kv, share, status=409)
+        async with httpx.AsyncClient(transport=httpx.MockTransport(refusing)) as other:
+            with pytest.raises(KVTransferError, match="409: the importer cannot map it"):
+                await fetch(handle, config, other, imports)
+        assert refusing.requests == [("POST", "/kv/t1/share"), ("DELETE", "/kv/t1")]
+
+        recorder.requests.clear()
+        for location in ("/dev/shm/t1.kv", "http://prefill:8000/kv/other"):
+            with pytest.raises(KVTransferError, match="not a K/V transfer URL"):
+                await fetch(handle.model_copy(update={"location": location}), config, client)
+        assert recorder.requests == []
+        assert imports.device_bytes == kv.num_bytes  # until the engine has written them
+        del fetched
+        await asyncio.sleep(0)  # the loop's handle that resumed the fetch holds its future
+        gc.collect()
+        assert imports.device_bytes == 0
+
+
+def test_shared_imports_wait_on_the_host_past_the_device_cap() -> None:
+    kv, share = sample_kv(), FakeShare()
+    imports = SharedImports(share, max_device_bytes=kv.num_bytes)
+    first = imports.take(share.share(kv.kv, share.peer()), kv.num_bytes)
+    assert imports.device_bytes == kv.num_bytes
+    second = imports.take(share.share(kv.kv, share.peer()), kv.num_bytes)
+    assert share.to_host == [False, True] and imports.device_bytes == kv.num_bytes
+    del first  # written into KV blocks and dropped by the engine
+    gc.collect()
+    assert imports.device_bytes == 0
+    assert torch.equal(second, kv.kv)
+    with pytest.raises(DeviceShareError):
+        imports.take({"key": "gone"}, kv.num_bytes)
+    with pytest.raises(DeviceShareError):
+        imports.take(["not", "a", "handle"], kv.num_bytes)
+    assert imports.device_bytes == 0
+
+
+def cuda_args(counter: bytes = b"/torch_123_456") -> tuple[Any, ...]:
+    """What torch's reduce_tensor gives for a CUDA tensor (its fields, made up)."""
+    return (
+        torch.Tensor, torch.Size([2, 2, 5, 3, 8]), (240, 120, 24, 8, 1), 0,
+        torch.storage.TypedStorage, torch.bfloat16, 0, bytes(range(64)), 960, 512,
+        False, counter, 7, bytes(64), True,
+    )  # fmt: skip
+
+
+def test_a_cuda_ipc_handle_travels_as_json_and_nothing_else_is_opened() -> None:
+    shared = json.loads(json.dumps(encode_handle(cuda_args())))
+    opened = decode_handle(shared, 3)
+    expected = cuda_args()
+    assert opened[6] == 3  # opened on the importer's own GPU
+    assert opened[:6] + opened[7:] == expected[:6] + expected[7:]
+
+    for bad in (
+        {**shared, "runtime": "torch 0.1"},
+        {**shared, "format": 2},
+        {**shared, "counter": base64.b64encode(b"../../etc/passwd").decode()},
+        {**shared, "dtype": "int64"},
+        {**shared, "storage": "os.system"},
+        {**shared, "offset": -1},
+        {**shared, "shape": [2, 2]},
+        {**shared, "handle": "not base64!"},
+        {key: value for key, value in shared.items() if key != "event"},
+    ):
+        with pytest.raises(DeviceShareError):
+            decode_handle(bad, 0)
+
+    peer = SharePeer(RUNTIME, ("GPU-a", "GPU-b"))
+    assert SharePeer.from_json(json.loads(json.dumps(peer.to_json()))) == peer
+    for bad_peer in (None, [], {"runtime": "x"}, {"runtime": "x", "devices": [1]}):
+        with pytest.raises(DeviceShareError):
+            SharePeer.from_json(bad_peer)
