@@ -54,6 +54,18 @@ class EngineConfig:
     weights_peer: str | None = None
     weights_peer_mode: Literal["copy", "share"] = "copy"
     seed: int = 0
+    # semi-PD (docs/flowserve.md): a prefill worker and a decode worker in this instance, each
+    # on its own share of the device's compute (SMs, or a host's threads), over one copy of the
+    # weights and one KV pool. The split starts at `semi_pd_split` percent for prefill and
+    # follows the SLOs (Algorithm 1) each `semi_pd_window_s`, unless `semi_pd_static`.
+    semi_pd: bool = False
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    semi_pd_split: int = 50
+    semi_pd_static: bool = False
+    semi_pd_window_s: float = 5.0
+    # The compute units split between the workers (None: all of the device's).
+    semi_pd_units: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -70,6 +82,23 @@ class EngineConfig:
             raise ConfigError(f"weights_peer_mode is copy or share, not {self.weights_peer_mode}")
         if self.kv_cache_bytes is not None and self.kv_cache_fraction is not None:
             raise ConfigError("give kv_cache_bytes or kv_cache_fraction, not both")
+        if self.semi_pd:
+            self._check_semi_pd()
+
+    def _check_semi_pd(self) -> None:
+        slos = (self.slo_ttft_ms, self.slo_tpot_ms)
+        if not self.semi_pd_static and None in slos:
+            raise ConfigError("semi-PD needs a TTFT and a TPOT SLO (or a static split)")
+        if any(slo is not None and slo <= 0 for slo in slos):
+            raise ConfigError("the TTFT and TPOT SLOs must be positive")
+        if not 0 < self.semi_pd_split < 100:
+            raise ConfigError(
+                f"semi_pd_split is the prefill's percent in (0, 100), not {self.semi_pd_split}"
+            )
+        if self.semi_pd_window_s <= 0:
+            raise ConfigError("semi_pd_window_s must be positive")
+        if self.semi_pd_units is not None and self.semi_pd_units < 1:
+            raise ConfigError("semi_pd_units must be at least 1")
 
     def kv_cache_fraction_or_default(self, platform: Platform) -> float | None:
         """None when a byte budget is set; else the fraction asked for, or the platform's

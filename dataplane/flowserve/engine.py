@@ -114,6 +114,8 @@ class Engine:
     ) -> None:
         """`weights`: the model's state already converted (`weights_cache`), e.g. a forked
         instance's parent's; else config.weights_cache's entry for the model, else the folder."""
+        if config.semi_pd and type(self) is Engine:
+            raise ConfigError("a semi-PD configuration needs open_engine(), not Engine()")
         self.config = config
         self.device = resolve_device(config.device)
         self.platform = get_platform(self.device)
@@ -193,6 +195,9 @@ class Engine:
         )
         self._in_flight: _InFlight | None = None
         log.info("%s", self.describe_kv_cache())
+
+    def close(self) -> None:
+        """Release what the engine holds beyond memory (semi-PD: its worker threads)."""
 
     def _activation_bytes(self, model_config: ModelConfig, dtype: torch.dtype) -> int:
         """What a full step's activations need on top of the weights: from the stored profile
@@ -318,8 +323,12 @@ class Engine:
         )
         if imported is not None and self._add_imported(seq, imported):
             return
-        self._scheduler.add(seq)  # raises for a prompt that can never fit
-        self._sequences[request_id] = seq
+        self._queue(seq)
+
+    def _queue(self, seq: Sequence) -> None:
+        """Hand a new sequence to the scheduler; raises InvalidRequest if it can never run."""
+        self._scheduler.add(seq)
+        self._sequences[seq.request_id] = seq
         if needs_host([seq]):
             self._host_sampled.add(seq)
 
@@ -485,6 +494,18 @@ class Engine:
         if num_output >= seq.max_tokens or num_tokens >= self.max_model_len:
             return "length"
         return None
+
+
+def open_engine(
+    config: EngineConfig, *, weights: Mapping[str, torch.Tensor] | None = None
+) -> Engine:
+    """The engine `config` asks for: one that steps its batches itself, or semi-PD's two
+    workers behind the same interface (`config.semi_pd`)."""
+    if config.semi_pd:
+        from dataplane.flowserve.semipd.engine import SemiPDEngine
+
+        return SemiPDEngine(config, weights=weights)
+    return Engine(config, weights=weights)
 
 
 def _read_config(path: str) -> dict[str, Any]:

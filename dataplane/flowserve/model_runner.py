@@ -161,6 +161,26 @@ class ModelRunner:
         self._pending: PendingTokens | None = None  # for the step being prepared
         self._staging = StagingBuffers(platform)  # the kernel path's inputs go through these
 
+    def sibling(self) -> ModelRunner:
+        """Another runner over the same weights and KV cache, with per-step state of its own
+        (the pending tokens, the staging buffers whose events guard their reuse, and no decode
+        graphs: their static inputs and outputs would be shared), for a second thread that runs
+        batches concurrently with this one (semi-PD's prefill worker). Capture its graphs
+        with `capture_graphs()` if it needs them."""
+        runner = ModelRunner(
+            self.model,
+            self.config,
+            platform=self.platform,
+            block_size=self.block_size,
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            enforce_eager=not self.use_graphs,
+        )
+        runner.num_blocks = self.num_blocks
+        runner.kv_caches = self.kv_caches  # the same tensors: one pool, one block manager
+        return runner
+
     # --- start-up -----------------------------------------------------------------------------
 
     @torch.inference_mode()

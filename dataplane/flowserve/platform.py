@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -125,24 +125,66 @@ class Platform:
         return None
 
     def num_compute_units(self) -> int:
-        """Cores on a host, SMs on a GPU: what a semi-PD split divides between workers."""
+        """Cores on a host (the intra-op threads of the calling thread), SMs on a GPU: what a
+        semi-PD split divides between its workers."""
         return torch.get_num_threads()
 
-    def sm_partition(self, num_units: int) -> contextlib.AbstractContextManager[None]:
-        """Run what is launched inside on at most `num_units` compute units."""
-        if not 1 <= num_units <= self.num_compute_units():
-            raise ConfigError(f"cannot partition {num_units} of {self.num_compute_units()} units")
-        return _threads(num_units)
+    @property
+    def partition_granularity(self) -> int:
+        """A partition's units come in multiples of this (and at least this many)."""
+        return 1
+
+    def compute_partitions(self, units: Sequence[int]) -> list[ComputePartition]:
+        """One partition per entry of `units`, for one worker thread each (semi-PD). On a host,
+        each is a number of intra-op threads for the thread that binds it (more threads than
+        cores is allowed: they time-share)."""
+        if not units or not all(n >= 1 for n in units):
+            raise ConfigError(f"cannot partition the host's threads as {list(units)}")
+        return [ThreadPartition(n) for n in units]
 
 
-@contextlib.contextmanager
-def _threads(num: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(num)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+class ComputePartition:
+    """A share of the device's compute for one worker thread (semi-PD): intra-op threads on a
+    host, SMs on a GPU. The worker takes it at an iteration boundary (`bind`, on its own thread,
+    given the partition it ran on until then) and runs each iteration inside `active()`."""
+
+    def __init__(self, num_units: int) -> None:
+        self.num_units = num_units
+
+    def bind(self, previous: ComputePartition | None) -> None:
+        """Make the calling thread run on this partition from now on."""
+
+    def active(self) -> contextlib.AbstractContextManager[None]:
+        """Around each iteration: where its work is launched."""
+        return contextlib.nullcontext()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.num_units})"
+
+
+class ThreadPartition(ComputePartition):
+    """`num_units` intra-op threads for the thread that binds it.
+
+    `torch.set_num_threads` is per thread under PyTorch's OpenMP backend (the default on
+    Linux): it sets the calling thread's OpenMP thread count (`omp_set_num_threads`, a per-thread
+    ICV) and MKL's thread-local one, and every host thread that opens parallel regions gets an
+    OpenMP team of its own, so workers bound to 1 and 3 threads run on 1 + 3 threads at once
+    (tests/dataplane/flowserve/test_flowserve_semipd_partitions.py counts them). It also sets a
+    process-wide default, and a thread initialises its own count from that default on its first
+    parallel op (or `get_num_threads`), even after a `set_num_threads` of its own: `bind` makes
+    that first query before setting the count, or a later worker's count would leak into it.
+    Under the native thread pool (no OpenMP) the count is one for the whole process: there a
+    partition only records its share (`per_thread` is False)."""
+
+    per_thread = "OpenMP" in torch.__config__.parallel_info().split("parallel backend:")[-1]
+
+    def bind(self, previous: ComputePartition | None) -> None:
+        if self.per_thread:
+            # A thread's first parallel op (or this query) initialises its count from the
+            # process default, which another worker may have changed meanwhile: initialise
+            # first, so that nothing overwrites the count set next.
+            torch.get_num_threads()
+            torch.set_num_threads(self.num_units)
 
 
 class CudaPlatform(Platform):
@@ -231,24 +273,63 @@ class CudaPlatform(Platform):
     def num_compute_units(self) -> int:
         return int(torch.cuda.get_device_properties(self.device).multi_processor_count)
 
-    def sm_partition(self, num_units: int) -> contextlib.AbstractContextManager[None]:
-        """A green context of `num_units` SMs where this PyTorch has them."""
-        if not 1 <= num_units <= self.num_compute_units():
-            raise ConfigError(f"cannot partition {num_units} of {self.num_compute_units()} SMs")
-        green = getattr(torch.cuda, "green_contexts", None)
-        if green is None:
-            raise ConfigError("this PyTorch has no CUDA green contexts for SM partitions")
-        context = green.GreenContext.create(num_units, self.device.index or 0)
-        return _green(context)
+    @property
+    def partition_granularity(self) -> int:
+        """CUDA splits SMs into groups of a multiple of 8 on compute capability 9.x and
+        later (Hopper), of 2 (at least 4) on 8.x, of 2 before."""
+        major, _minor = torch.cuda.get_device_capability(self.device)
+        return 8 if major >= 9 else 4 if major == 8 else 2
+
+    def compute_partitions(self, units: Sequence[int]) -> list[ComputePartition]:
+        """A CUDA green context of `units[i]` SMs per worker, each with a stream of its own.
+        Where PyTorch can split the device's SMs into disjoint groups (`SMPartition`) and the
+        units fit the device, the partitions share no SM; `GreenContext.create(num_sms=n)`
+        alone takes each group from the whole device, so two of them may overlap."""
+        total = self.num_compute_units()
+        if not units or not all(1 <= n <= total for n in units):
+            raise ConfigError(f"cannot partition {list(units)} of {total} SMs")
+        try:
+            from torch.cuda import green_contexts
+        except ImportError as exc:
+            raise ConfigError("this PyTorch has no CUDA green contexts") from exc
+        index = self.device.index if self.device.index is not None else 0
+        contexts = _green_contexts(green_contexts, list(units), total, index)
+        return [
+            GreenPartition(n, context, context.Stream())
+            for n, context in zip(units, contexts, strict=True)
+        ]
 
 
-@contextlib.contextmanager
-def _green(context: Any) -> Iterator[None]:
-    context.make_current()
-    try:
-        yield
-    finally:
-        context.pop_context()
+class GreenPartition(ComputePartition):
+    """`num_units` SMs: a CUDA green context and one stream of it. What the worker launches
+    inside `active()` (kernels, graph replays, copies) goes to that stream and runs on the
+    context's SMs only."""
+
+    def __init__(self, num_units: int, context: Any, stream: Any) -> None:
+        super().__init__(num_units)
+        self.context = context  # owns the stream: kept alive with the partition
+        self.stream = stream
+
+    def bind(self, previous: ComputePartition | None) -> None:
+        # Work still queued on the old stream (a prefill chunk that sampled nothing) comes first.
+        if isinstance(previous, GreenPartition):
+            self.stream.wait_stream(previous.stream)
+        else:
+            self.stream.wait_stream(torch.cuda.current_stream())
+
+    def active(self) -> contextlib.AbstractContextManager[None]:
+        return torch.cuda.stream(self.stream)
+
+
+def _green_contexts(module: Any, units: list[int], total: int, index: int) -> list[Any]:
+    """Green contexts of `units` SMs on device `index`: disjoint groups where PyTorch splits
+    the device's SMs (torch.cuda.green_contexts.SMPartition) and they fit, else one context per
+    count taken from the whole device."""
+    splitter = getattr(module, "SMPartition", None)
+    if splitter is not None and sum(units) <= total:
+        groups, _rest = splitter.from_device(index).split(num_sms=units)
+        return [module.GreenContext(sm_partition=group, device_id=index) for group in groups]
+    return [module.GreenContext.create(num_sms=n, device_id=index) for n in units]
 
 
 class NpuPlatform(CudaPlatform):
@@ -306,8 +387,8 @@ class NpuPlatform(CudaPlatform):
     def num_compute_units(self) -> int:
         return int(getattr(self.npu.get_device_properties(self.device), "cube_core_num", 1))
 
-    def sm_partition(self, num_units: int) -> contextlib.AbstractContextManager[None]:
-        raise ConfigError("SM partitions are not available on NPUs")
+    def compute_partitions(self, units: Sequence[int]) -> list[ComputePartition]:
+        raise ConfigError("compute partitions (semi-PD) are not available on NPUs")
 
     def device_share(self) -> DeviceShare | None:
         return None  # no IPC here yet: K/V go through the host

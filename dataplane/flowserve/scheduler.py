@@ -101,6 +101,14 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence. Raises InvalidRequest for a prompt that can never run."""
+        self.check(seq)
+        seq.arrival = next(self._arrivals)
+        seq.status = SequenceStatus.WAITING
+        self._enqueue(seq)
+
+    def check(self, seq: Sequence) -> None:
+        """Raise InvalidRequest if `seq` can never run here. Reads only the limits, which never
+        change: any thread may ask (semi-PD checks a request before handing it to its worker)."""
         num_tokens = seq.num_tokens
         if num_tokens == 0:
             raise InvalidRequest("the prompt is empty", param="prompt")
@@ -114,9 +122,6 @@ class Scheduler:
                 param="messages",
                 code="context_length_exceeded",
             )
-        seq.arrival = next(self._arrivals)
-        seq.status = SequenceStatus.WAITING
-        self._enqueue(seq)
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Start `child` (a new choice whose first tokens are `parent`'s computed ones) sharing
@@ -141,6 +146,25 @@ class Scheduler:
                     return seq
         return None
 
+    def adopt(self, seq: Sequence) -> None:
+        """Take over a sequence from another scheduler sharing the block manager (semi-PD's
+        other worker): a running one joins `running` with the blocks it holds, a waiting one
+        (preempted there: no blocks) rejoins `waiting` at its rank."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.append(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self._enqueue(seq)
+        else:
+            raise ValueError(f"sequence {seq.request_id} is {seq.status}: nothing to adopt")
+
+    def release(self, seq: Sequence) -> None:
+        """Hand `seq` over to another scheduler sharing the block manager: it leaves this one
+        as it is, with its blocks and status."""
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+
     def finish(self, seq: Sequence) -> None:
         """Retire `seq` (the engine decides when, and sets `finish_reason`) and free its blocks."""
         if seq in self.running:
@@ -151,12 +175,16 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.imported_kv = None
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, *, max_running: int | None = None) -> ScheduledBatch:
+        """`max_running`: admit no sequence past this many running, when lower than
+        max_num_seqs (semi-PD's prefill worker: the instance's max_num_seqs less the sequences
+        its decode worker holds)."""
+        limit = self.max_num_seqs if max_running is None else min(max_running, self.max_num_seqs)
         with self.block_manager.lock:
             plan = _Plan(self.max_num_batched_tokens)
             self._schedule_running(plan)
             if not plan.preempted:
-                self._admit_waiting(plan)
+                self._admit_waiting(plan, limit)
             return plan.batch()
 
     def postprocess(self, batch: ScheduledBatch, sampled: Seq[int]) -> None:
@@ -249,9 +277,9 @@ class Scheduler:
             else:
                 plan.add(seq, start, num_new, copies, samples=num_new == uncomputed)
 
-    def _admit_waiting(self, plan: _Plan) -> None:
+    def _admit_waiting(self, plan: _Plan, max_running: int) -> None:
         manager = self.block_manager
-        while self.waiting and plan.budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and plan.budget > 0 and len(self.running) < max_running:
             seq = self.waiting[0]
             if manager.blocks_needed(seq.num_tokens) > manager.num_blocks:
                 self._reject(seq, plan, _outgrew(seq.num_tokens))  # e.g. a fork at the limit
