@@ -15,7 +15,7 @@ import transformers
 import uvicorn
 
 from dataplane.flowserve.config import DTYPES, EngineConfig
-from dataplane.flowserve.engine import Engine
+from dataplane.flowserve.engine import Engine, open_engine
 from dataplane.flowserve.errors import FlowServeError
 from dataplane.flowserve.kv_transfer import KVTransferConfig
 from dataplane.flowserve.server import create_app
@@ -109,6 +109,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--kv-fetch-timeout", type=float, default=30.0, help="seconds to fetch imported K/V"
     )
+    semi_pd = parser.add_argument_group("semi-PD (docs/flowserve.md)")
+    semi_pd.add_argument(
+        "--semi-pd",
+        action="store_true",
+        help="run prefill and decode as two workers on their own shares of the device",
+    )
+    semi_pd.add_argument("--slo-ttft-ms", type=float, default=None, help="P90 TTFT target")
+    semi_pd.add_argument("--slo-tpot-ms", type=float, default=None, help="P90 TPOT target")
+    semi_pd.add_argument(
+        "--semi-pd-split",
+        type=int,
+        default=50,
+        metavar="P",
+        help="the prefill worker's share of the device's compute to start with, percent",
+    )
+    semi_pd.add_argument(
+        "--semi-pd-static", action="store_true", help="keep the split (SLOs are only observed)"
+    )
+    semi_pd.add_argument(
+        "--semi-pd-window",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often the SLO controller may change the split",
+    )
     parser.add_argument("--log-level", default="warning")
     return parser.parse_args(argv)
 
@@ -135,6 +160,12 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         weights_peer_mode=args.weights_import,
         enforce_eager=args.enforce_eager,
         memory_profile=args.memory_profile,
+        semi_pd=args.semi_pd,
+        slo_ttft_ms=args.slo_ttft_ms,
+        slo_tpot_ms=args.slo_tpot_ms,
+        semi_pd_split=args.semi_pd_split,
+        semi_pd_static=args.semi_pd_static,
+        semi_pd_window_s=args.semi_pd_window,
     )
 
 
@@ -161,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     pod_at = process_started_at()
     path: LaunchPath = "ipc" if args.weights_from_instance else "cold"
     startup = StartupClock(path, launched_at(pod_at), pod_at, runtime_at)
-    return serve(args, lambda: Engine(config), startup)
+    return serve(args, lambda: open_engine(config), startup)
 
 
 def serve(

@@ -4,6 +4,7 @@
     POST   /generate           GenerateRequest -> application/x-ndjson stream of GenerateEvent lines
     POST   /abort/{request_id} {"request_id", "aborted"}
     GET    /metrics            Prometheus text
+    GET    /semipd             a semi-PD instance's split and its SLO controller's switches
     GET    /kv/{transfer_id}   a prefill's exported K/V (transport "stream"), streamed once
     POST   /kv/{transfer_id}/share   a CUDA IPC handle of them (transport "cuda_ipc"), once
     DELETE /kv/{transfer_id}   {"transfer_id", "deleted"}
@@ -68,6 +69,8 @@ from dataplane.flowserve.metrics import CONTENT_TYPE, Metrics
 from dataplane.flowserve.prompt_kv import KVMismatch
 from dataplane.flowserve.prompts import build_prompt
 from dataplane.flowserve.sampling_params import SamplingParams
+from dataplane.flowserve.semipd.engine import SemiPDEngine
+from dataplane.flowserve.semipd.metrics import SemiPDCollector
 from dataplane.flowserve.startup import StartupClock
 from dataplane.flowserve.stream import KVExported, KVSource, RequestStream
 from dataplane.flowserve.token_text import TokenTexts
@@ -379,6 +382,13 @@ async def abort(request: Request) -> Response:
     return JSONResponse({"request_id": request_id, "aborted": known})
 
 
+async def semipd(request: Request) -> Response:
+    engine = _instance(request).engine
+    if not isinstance(engine, SemiPDEngine):
+        return error_response(404, "this instance does not run semi-PD", code="not_semi_pd")
+    return JSONResponse(engine.report().to_dict())
+
+
 async def metrics(request: Request) -> Response:
     return Response(_instance(request).metrics.render(), media_type=CONTENT_TYPE)
 
@@ -405,6 +415,8 @@ def create_app(
         metrics = Metrics(model_name)
         driver = EngineDriver(engine, metrics)
         metrics.watch(lambda: driver.stats)
+        if isinstance(engine, SemiPDEngine):
+            metrics.registry.register(SemiPDCollector(model_name, engine))
         kv_store = KVStore(kv_config)
         http = httpx.AsyncClient(timeout=kv_config.fetch_timeout_s)
         share = engine.platform.device_share()
@@ -434,6 +446,7 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await expiry
             await run_in_threadpool(driver.stop)
+            await run_in_threadpool(engine.close)
             await http.aclose()
             kv_store.close()
 
@@ -442,6 +455,7 @@ def create_app(
         Route("/generate", generate, methods=["POST"]),
         Route("/abort/{request_id:path}", abort, methods=["POST"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/semipd", semipd, methods=["GET"]),
         Route("/kv/{transfer_id}", kv_get, methods=["GET"]),
         Route("/kv/{transfer_id}/share", kv_share, methods=["POST"]),
         Route("/kv/{transfer_id}", kv_delete, methods=["DELETE"]),
