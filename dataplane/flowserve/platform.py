@@ -294,6 +294,8 @@ class CudaPlatform(Platform):
             raise ConfigError("this PyTorch has no CUDA green contexts") from exc
         index = self.device.index if self.device.index is not None else 0
         contexts = _green_contexts(green_contexts, list(units), total, index)
+        if not all(hasattr(context, "Stream") for context in contexts):
+            raise ConfigError("this PyTorch's green contexts have no streams (GreenContext.Stream)")
         return [
             GreenPartition(n, context, context.Stream())
             for n, context in zip(units, contexts, strict=True)
