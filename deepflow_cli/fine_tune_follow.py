@@ -3,7 +3,8 @@
 The events API lists newest first (as OpenAI's does), so new events are found by paging back from
 the newest until one already seen. Progress events have type "metrics" and data
 `{step, total_steps, train_loss, ...}`; the ETA comes from the pace between the first and the
-latest of them that the CLI saw.
+latest of them that the CLI saw. On a terminal they show on a live bar; anywhere else (a log, CI,
+a pipe), where a live bar prints nothing, as plain lines.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     Progress,
@@ -143,7 +145,22 @@ def watch(
         time.sleep(POLL_INTERVAL_S)
 
 
-# -- the live view --------------------------------------------------------------------------------
+# -- the views ------------------------------------------------------------------------------------
+
+# A log gets a progress line at most this often (and always at the first progress, before a message
+# and when the job ends); a terminal's bar shows every step.
+PLAIN_EVERY_S = 5.0
+
+
+def _show_status(console: Console, shown: str | None, job: FineTuningJob) -> str:
+    if job.status != shown:
+        console.print(Text(f"status: {job.status}", style="bold"))
+    return job.status
+
+
+def _show_event(console: Console, event: FineTuningEvent) -> None:
+    style = "red" if event.level == "error" else "dim"
+    console.print(Text(event_line(event), style=style), soft_wrap=True)
 
 
 @dataclass(slots=True)
@@ -156,15 +173,12 @@ class LiveView:
     first: StepMetrics | None = None
 
     def __call__(self, job: FineTuningJob, events: list[FineTuningEvent]) -> None:
-        if job.status != self.status:
-            self.status = job.status
-            self.bar.console.print(Text(f"status: {job.status}", style="bold"))
+        self.status = _show_status(self.bar.console, self.status, job)
         detail = None
         for event in events:
             metrics = step_metrics(event)
             if metrics is None:
-                style = "red" if event.level == "error" else "dim"
-                self.bar.console.print(Text(event_line(event), style=style))
+                _show_event(self.bar.console, event)
                 continue
             self.first = self.first or metrics
             detail = progress_detail(self.first, metrics)
@@ -174,15 +188,59 @@ class LiveView:
             self.bar.update(self.task, detail=detail)
 
 
+@dataclass(slots=True)
+class PlainView:
+    """The same as `LiveView` for a log or CI, where a live bar prints nothing: the step, loss and
+    ETA as lines of their own, at most every `PLAIN_EVERY_S`, and also before a message and when
+    the job ends, so that lines stay in order and the last progress is never left out."""
+
+    console: Console
+    now: Callable[[], float] = time.monotonic
+    status: str | None = None
+    first: StepMetrics | None = None
+    pending: StepMetrics | None = None  # the latest progress not yet printed
+    printed_at: float | None = None
+
+    def __call__(self, job: FineTuningJob, events: list[FineTuningEvent]) -> None:
+        now = self.now()
+        self.status = _show_status(self.console, self.status, job)
+        for event in events:
+            metrics = step_metrics(event)
+            if metrics is None:
+                self._show_progress(now)  # what happened before the message, shown before it
+                _show_event(self.console, event)
+                continue
+            self.first = self.first or metrics
+            self.pending = metrics
+        if (
+            job.status in TERMINAL
+            or self.printed_at is None
+            or now - self.printed_at >= PLAIN_EVERY_S
+        ):
+            self._show_progress(now)
+
+    def _show_progress(self, now: float) -> None:
+        if self.pending is None or self.first is None:
+            return
+        line = f"{clock(self.pending.at)[:8]}  {progress_detail(self.first, self.pending)}"
+        self.console.print(Text(line), soft_wrap=True)
+        self.pending, self.printed_at = None, now
+
+
 @contextmanager
-def live_view(job_id: str) -> Iterator[LiveView]:
+def live_view(job_id: str, console: Console | None = None) -> Iterator[Show]:
+    """A bar on a terminal (stderr by default); plain lines anywhere else."""
+    console = console or stderr
+    if not console.is_terminal or console.is_dumb_terminal:
+        yield PlainView(console)
+        return
     bar = Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
         BarColumn(),
         TaskProgressColumn(),
         TextColumn("{task.fields[detail]}"),
-        console=stderr,
+        console=console,
         transient=True,
     )
     with bar:

@@ -3,6 +3,7 @@ following a job to its end, list/get/cancel/events/checkpoints, errors and exit 
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -10,11 +11,20 @@ import httpx
 import pytest
 from cli_fakes import FakeApi, Invoke, error_reply
 from fine_tune_fakes import T0, checkpoint, file_object, job, message, metrics, page
+from rich.console import Console
 
 from deepflow_cli import fine_tune_follow
 from deepflow_cli.client import DeepFlowClient
 from deepflow_cli.errors import ExitCode
-from deepflow_cli.fine_tune_follow import StepMetrics, eta_s, progress_detail, unseen_events
+from deepflow_cli.fine_tune_follow import (
+    LiveView,
+    PlainView,
+    StepMetrics,
+    eta_s,
+    live_view,
+    progress_detail,
+    unseen_events,
+)
 
 JOBS = "/v1/fine_tuning/jobs"
 JOB = f"{JOBS}/ftjob-1"
@@ -32,6 +42,8 @@ DONE = message("ftevent-9", "The job has successfully completed", T0 + 20)
 @pytest.fixture(autouse=True)
 def fast_polls(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fine_tune_follow, "POLL_INTERVAL_S", 0.0)
+    # However slow the machine, the polls of one test are closer together than this.
+    monkeypatch.setattr(fine_tune_follow, "PLAIN_EVERY_S", 60.0)
 
 
 @pytest.fixture
@@ -135,12 +147,17 @@ def test_follow_queued_running_succeeded(api: FakeApi, cli: Invoke, dataset: Pat
             "Created fine-tuning job",
             "status: running",
             "Fine-tuning job started",
+            "step 2/8 · loss 2.5000 · ETA -",
             "status: succeeded",
+            "step 8/8 · loss 1.2500 · ETA 0s",
             "successfully completed",
         )
     ]
     assert order == sorted(order)
     assert err.count("Created fine-tuning job") == 1  # each event shown once
+    # Not a terminal: progress as lines, the polls close together throttled to the first and last.
+    assert "step 4/8" not in err
+    assert "\x1b[" not in err
     assert "deepflow deploy NAME --model " + MODEL in err
 
 
@@ -194,6 +211,64 @@ def test_events_follow_prints_each_event_once_then_ends(api: FakeApi, cli: Invok
     assert ids == [STARTED.id, STEP_2.id, STEP_4.id, STEP_8.id, DONE.id]
     # only the newest `--limit` events at first, however many there are
     assert api.seen[1].url.params["limit"] == "2"
+
+
+# -- the views: a bar on a terminal, lines elsewhere -----------------------------------------------
+
+
+def _console(**kwargs: object) -> tuple[Console, io.StringIO]:
+    sink = io.StringIO()
+    return Console(file=sink, width=120, highlight=False, **kwargs), sink  # type: ignore[arg-type]
+
+
+def test_a_terminal_gets_the_bar_and_anything_else_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TERM", raising=False)
+    terminal, _ = _console(force_terminal=True)
+    with live_view("ftjob-1", terminal) as view:
+        assert isinstance(view, LiveView)
+        view(job("running"), [STARTED, STEP_2, STEP_4])
+        (task,) = view.bar.tasks
+        assert (task.completed, task.total) == (4, 8)
+        assert task.fields["detail"] == "step 4/8 · loss 1.7500 · ETA 4s"
+    with live_view("ftjob-1", _console()[0]) as view:
+        assert isinstance(view, PlainView)
+    monkeypatch.setenv("TERM", "dumb")
+    with live_view("ftjob-1", terminal) as view:
+        assert isinstance(view, PlainView)
+
+
+def test_plain_lines_at_most_every_few_seconds_and_at_the_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fine_tune_follow, "PLAIN_EVERY_S", 5.0)
+    console, sink = _console()
+    times = iter([0.0, 3.0, 6.0, 7.0, 7.0, 7.0])
+    view = PlainView(console, now=lambda: next(times))
+    view(job("running"), [STARTED, STEP_2])  # t=0: the first progress
+    view(job("running"), [STEP_4])  # t=3: too soon
+    view(job("running"), [metrics(6, 8, 1.5, T0 + 16)])  # t=6: 5 s on
+    view(job("running"), [STEP_8])  # t=7: too soon, but a message follows
+    view(job("running"), [message("ftevent-c", "Checkpoint created at step 8", T0 + 18)])
+    view(job("succeeded"), [DONE])
+    lines = [line.split("  ", 1)[-1] for line in sink.getvalue().splitlines()]
+    assert lines == [
+        "status: running",
+        "Fine-tuning job started",
+        "step 2/8 · loss 2.5000 · ETA -",
+        "step 6/8 · loss 1.5000 · ETA 2s",
+        "step 8/8 · loss 1.2500 · ETA 0s",
+        "Checkpoint created at step 8",
+        "status: succeeded",
+        "The job has successfully completed",
+    ]
+
+
+def test_plain_lines_show_the_last_progress_when_the_job_ends() -> None:
+    console, sink = _console()
+    view = PlainView(console)
+    view(job("running"), [STEP_2])
+    view(job("cancelled"), [STEP_4])  # well within PLAIN_EVERY_S, but the last word
+    assert sink.getvalue().splitlines()[-1].endswith("step 4/8 · loss 1.7500 · ETA 4s")
 
 
 # -- progress (pure) ------------------------------------------------------------------------------
