@@ -21,8 +21,10 @@ the DMA after it near the link's speed; pageable 7-8 GB/s (docs/benchmarks/scali
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,6 +35,9 @@ METHODS: tuple[UploadMethod, ...] = ("staged", "register", "pageable")
 METHOD_ENV = "DEEPFLOW_UPLOAD_METHOD"
 CHUNK_BYTES = 64 << 20
 NUM_STAGING_BUFFERS = 3
+# Threads that fill a staging buffer from the mapping, each a slice: one thread's memcpy from
+# the mapping is slower than the link.
+FILL_THREADS = min(8, os.cpu_count() or 1)
 # cudaHostRegisterPortable | cudaHostRegisterReadOnly: the mapping is PROT_READ.
 _REGISTER_FLAGS = 0x01 | 0x08
 
@@ -84,18 +89,23 @@ def upload(
     tensors: Mapping[str, torch.Tensor],
     device: torch.device,
     method: UploadMethod | None = None,
+    ring: StagingRing | None = None,
 ) -> Upload:
     """The tensors on `device` as views of one buffer. Raises UploadError when they are not one
-    flat host region, or when the driver refused to register it (`register`)."""
+    flat host region, or when the driver refused to register it (`register`). `ring`: the
+    staging ring (default: the process's, `prepare()`)."""
     method = method or _default_method()
     region = flat_region(tensors)
+    if method == "staged" and ring is None:
+        ring = prepare()
     started = time.perf_counter()
     flat = torch.empty(region.host.numel(), dtype=torch.uint8, device=device)
     register_s = 0.0
     if method == "register":
         register_s = _copy_registered(region.host, flat)
     elif method == "staged":
-        _copy_staged(region.host, flat)
+        assert ring is not None
+        _copy_staged(region.host, flat, ring)
     else:
         flat.copy_(region.host)
     torch.cuda.synchronize(device)
@@ -124,25 +134,70 @@ def _copy_registered(host: torch.Tensor, flat: torch.Tensor) -> float:
     return register_s
 
 
-def _copy_staged(host: torch.Tensor, flat: torch.Tensor) -> None:
-    """Chunks through a ring of pinned buffers on a side stream: the CPU fills buffer i+1 while
-    the copy engine drains buffer i."""
+class StagingRing:
+    """Pinned staging buffers and the threads that fill them, made once per process: pinning
+    192 MiB costs tens of milliseconds, which a warm pod pays before it is handed a model
+    (`prepare`), not on the upload's path."""
+
+    def __init__(
+        self,
+        chunk_bytes: int,
+        num_buffers: int,
+        fill_threads: int,
+        *,
+        min_split_bytes: int = 4 << 20,  # smaller copies are not worth a thread hand-off
+    ) -> None:
+        if chunk_bytes < 1 or num_buffers < 1 or fill_threads < 1:
+            raise ValueError("a staging ring needs a chunk, a buffer and a thread at least")
+        self.chunk_bytes = chunk_bytes
+        self.min_split_bytes = min_split_bytes
+        self.buffers = [
+            torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(num_buffers)
+        ]
+        self.fill_threads = fill_threads
+        self._pool = ThreadPoolExecutor(fill_threads, thread_name_prefix="flowserve-upload")
+
+    def fill(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """dst[:] = src, in slices copied by the ring's threads (copy_ releases the GIL)."""
+        n = src.numel()
+        step = -(-n // self.fill_threads)
+        if self.fill_threads == 1 or n < max(self.min_split_bytes, self.fill_threads):
+            dst.copy_(src)
+            return
+        slices = [(a, min(a + step, n)) for a in range(0, n, step)]
+        list(self._pool.map(lambda r: dst[r[0] : r[1]].copy_(src[r[0] : r[1]]), slices))
+
+
+_RING: StagingRing | None = None
+_RING_LOCK = threading.Lock()
+
+
+def prepare(chunk_bytes: int = CHUNK_BYTES, fill_threads: int = FILL_THREADS) -> StagingRing:
+    """The process's staging ring, made on first use (a warm pod calls this at start)."""
+    global _RING
+    with _RING_LOCK:
+        ring = _RING
+        if ring is None or ring.chunk_bytes != chunk_bytes or ring.fill_threads != fill_threads:
+            ring = _RING = StagingRing(chunk_bytes, NUM_STAGING_BUFFERS, fill_threads)
+        return ring
+
+
+def _copy_staged(host: torch.Tensor, flat: torch.Tensor, ring: StagingRing) -> None:
+    """Chunks through the ring of pinned buffers on a side stream: the CPU fills buffer i+1
+    while the copy engine drains buffer i."""
     nbytes = host.numel()
-    chunk = min(CHUNK_BYTES, nbytes)
-    ring = [
-        torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(NUM_STAGING_BUFFERS)
-    ]
-    done: list[torch.cuda.Event | None] = [None] * len(ring)
+    chunk = ring.chunk_bytes
+    done: list[torch.cuda.Event | None] = [None] * len(ring.buffers)
     stream = torch.cuda.Stream(flat.device)  # type: ignore[no-untyped-call]
     stream.wait_stream(torch.cuda.current_stream(flat.device))  # `flat` was allocated there
     for i, start in enumerate(range(0, nbytes, chunk)):
         n = min(chunk, nbytes - start)
-        slot = i % len(ring)
+        slot = i % len(ring.buffers)
         event = done[slot]
         if event is not None:
             event.synchronize()  # its last chunk has left the buffer
-        staging = ring[slot][:n]
-        staging.copy_(host[start : start + n])
+        staging = ring.buffers[slot][:n]
+        ring.fill(staging, host[start : start + n])
         with torch.cuda.stream(stream):
             flat[start : start + n].copy_(staging, non_blocking=True)
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]

@@ -58,6 +58,10 @@ def init_device() -> str:
     device = resolve_device(None)
     if device.type != "cpu":
         torch.empty(1, device=device)
+    if device.type == "cuda":
+        from dataplane.flowserve import device_upload
+
+        device_upload.prepare()  # the pinned staging ring for a DRAM cache upload
     return device.type
 
 
@@ -95,14 +99,15 @@ def serve(
     clock: StartupClock,
     weights: Mapping[str, torch.Tensor] | None = None,
 ) -> int:
-    """Serve until SIGTERM; the exit code."""
+    """Serve until SIGTERM; the exit code. The engine is the one the flags ask for, as on the
+    cold path (`open_engine`: semi-PD's two workers under `--semi-pd`)."""
     from dataplane.flowserve import __main__ as flowserve_main
-    from dataplane.flowserve.engine import Engine
+    from dataplane.flowserve.engine import open_engine
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s", force=True
     )
-    return flowserve_main.serve(args, lambda: Engine(config, weights=weights), clock)
+    return flowserve_main.serve(args, lambda: open_engine(config, weights=weights), clock)
 
 
 def clock_for(

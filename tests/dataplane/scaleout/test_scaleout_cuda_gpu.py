@@ -132,15 +132,20 @@ def cache_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("method", ["staged", "register", "pageable"])
+@pytest.mark.parametrize("method", ["staged", "staged-threads", "register", "pageable"])
 def test_every_upload_method_moves_the_bytes_exactly(
-    tiny_dir: Path, cache_dir: Path, method: str, monkeypatch: pytest.MonkeyPatch
+    tiny_dir: Path, cache_dir: Path, method: str
 ) -> None:
     mapped = open_cached(cache_dir, tiny_dir, torch.bfloat16)
     assert mapped is not None
-    monkeypatch.setattr(device_upload, "CHUNK_BYTES", 3 * 4096)  # many laps of the ring
+    ring = None
+    if method.startswith("staged"):
+        # Many laps of the ring; with threads, every chunk filled in slices (of odd sizes).
+        threads = 3 if method == "staged-threads" else 1
+        ring = device_upload.StagingRing(3 * 4096 + 7, 3, threads, min_split_bytes=0)
+        method = "staged"
     try:
-        up = device_upload.upload(mapped.tensors, CUDA, method)  # type: ignore[arg-type]
+        up = device_upload.upload(mapped.tensors, CUDA, method, ring)  # type: ignore[arg-type]
     except device_upload.UploadError as exc:
         assert method == "register"
         pytest.skip(f"this driver refuses read-only registration: {exc}")
