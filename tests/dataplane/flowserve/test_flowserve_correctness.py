@@ -1,9 +1,13 @@
 """Greedy output equals Hugging Face's token for token under every path the paged engine can take:
-prefix-cache hits, chunked prefill, preemption with recompute; logprobs agree with HF's."""
+prefix-cache hits, chunked prefill, preemption with recompute (a tiny random model, and SmolLM2
+in a slow test); logprobs agree with HF's."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from itertools import count
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ from dataplane.flowserve.kv_cache import bytes_per_block
 from dataplane.flowserve.models import ModelConfig
 from dataplane.flowserve.prompts import build_prompt
 from dataplane.flowserve.sampling_params import SamplingParams
+from dataplane.flowserve.scheduler import ScheduledBatch
 
 # Logprobs of our model code against HF's, fp32 on the CPU.
 LOGPROB_ATOL = 1e-3
@@ -116,11 +121,78 @@ def test_logprobs_agree_with_hf(tiny_model_dir: Path, hf_model: PreTrainedModel)
             assert value == pytest.approx(reference[step, token_id].item(), abs=LOGPROB_ATOL)
 
 
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One sequence's share of a scheduled step, copied out (the sequence changes later)."""
+
+    step: int
+    request_id: str
+    start: int
+    samples: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Preemption:
+    step: int
+    request_id: str
+    num_tokens: int
+    num_output_tokens: int
+
+
+def trace_scheduler(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[Chunk], list[Preemption]]:
+    """Record every chunk the engine's scheduler schedules and every preemption, as they happen."""
+    chunks: list[Chunk] = []
+    preemptions: list[Preemption] = []
+    schedule = engine._scheduler.schedule
+    steps = count()
+
+    def recording(**kwargs: Any) -> ScheduledBatch:
+        batch = schedule(**kwargs)
+        step = next(steps)
+        chunks.extend(Chunk(step, s.seq.request_id, s.start, s.samples) for s in batch.seqs)
+        preemptions.extend(
+            Preemption(step, seq.request_id, seq.num_tokens, seq.num_output_tokens)
+            for seq in batch.preempted
+        )
+        return batch
+
+    monkeypatch.setattr(engine._scheduler, "schedule", recording)
+    return chunks, preemptions
+
+
+def num_prefill_chunks(chunks: list[Chunk], request_id: str) -> int:
+    """How many chunks the request's prompt took, up to the one that sampled its first token."""
+    mine = [c for c in chunks if c.request_id == request_id]
+    return next(i for i, c in enumerate(mine, 1) if c.samples)
+
+
 @pytest.mark.slow
-def test_smollm2_greedy_matches_hf_with_cache_chunks_and_concurrency(smollm2_dir: Path) -> None:
-    engine = Engine(EngineConfig(str(smollm2_dir), max_num_seqs=4, max_num_batched_tokens=64))
+def test_smollm2_greedy_matches_hf_with_chunks_cache_hits_and_preemption(
+    smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four chat requests at once under a 16-token step budget and a KV cache of 12 blocks of 8
+    tokens: the first prompt (37 tokens) is prefilled in chunks, the later ones find the shared
+    system prompt's blocks in the prefix cache, and when the blocks run out a decoding request is
+    preempted and recomputed. One answer ends at eos, the others at max_tokens."""
+    block_bytes = bytes_per_block(ModelConfig.from_folder(smollm2_dir), 8, torch.float32)
+    engine = Engine(
+        EngineConfig(
+            str(smollm2_dir),
+            max_num_seqs=4,
+            max_num_batched_tokens=16,
+            block_size=8,
+            kv_cache_bytes=12 * block_bytes,
+        )
+    )
     hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    questions = ["What is the capital of France?", "Name three colours.", "What is 2 + 2?"]
+    questions = [
+        "What is the capital of France?",  # answered in 8 tokens, eos included
+        "Describe the sea.",
+        "Tell me about dogs.",
+        "Why is the sky blue?",
+    ]
     prompts = [
         build_prompt(
             engine.tokenizer,
@@ -129,6 +201,13 @@ def test_smollm2_greedy_matches_hf_with_cache_chunks_and_concurrency(smollm2_dir
         ).token_ids
         for q in questions
     ]
-    check_against_hf(engine, hf, prompts, 48, eos=True)
-    check_against_hf(engine, hf, prompts, 48, eos=True)  # again, through the prefix cache
+    chunks, preemptions = trace_scheduler(engine, monkeypatch)
+    check_against_hf(engine, hf, prompts, 10, eos=True)
+    assert num_prefill_chunks(chunks, "r0") > 1
     assert engine.stats().prefix_cache_hits > 0
+    assert engine.num_preemptions > 0
+    # A request preempted while decoding came back and recomputed K/V it had computed before.
+    first = preemptions[0]
+    assert first.num_output_tokens > 0
+    readmitted = next(c for c in chunks if c.request_id == first.request_id and c.step > first.step)
+    assert readmitted.start < first.num_tokens - 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -41,7 +42,7 @@ def test_process_serves_and_exits_on_sigterm(tiny_model_dir: Path) -> None:
     command = [
         sys.executable, "-m", "dataplane.flowserve", "--model", str(tiny_model_dir),
         "--port", str(port), "--instance-id", "i-9", "--model-name", "tiny-x",
-        "--max-model-len", "256",
+        "--max-model-len", "256", "--kv-cache-memory", str(256 << 20),
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(
@@ -74,6 +75,15 @@ def test_process_serves_and_exits_on_sigterm(tiny_model_dir: Path) -> None:
             rest = [json.loads(line) for line in lines]
         assert (rest[-1]["type"], rest[-1]["completion_tokens"]) == ("done", 100)
         assert process.wait(timeout=20) == 0
+        output = process.stdout.read().decode() if process.stdout else ""
+        # The configured KV budget and what it bought, printed at start whatever the log level.
+        kv_line = re.search(
+            r"flowserve tiny-x: KV cache: budget 0\.25 GiB \(fixed\), (\d+) blocks of 16 tokens "
+            r"\((\d+) tokens\) on \w+",
+            output,
+        )
+        assert kv_line is not None, output
+        assert int(kv_line[2]) == 16 * int(kv_line[1]) > 0
     finally:
         if process.poll() is None:
             process.kill()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
@@ -90,6 +91,62 @@ def test_sampling_follows_the_distribution() -> None:
         counts[sample(logits, [row]).token_ids[0]] += 1
     assert counts[0] / 2000 == pytest.approx(0.7, abs=0.05)
     assert counts[2] / 2000 == pytest.approx(0.1, abs=0.03)
+
+
+def reference_probs(logits: list[float], params: SamplingParams) -> list[float]:
+    """What sampling should draw from, written out by hand in vLLM's order: softmax(logits / T);
+    min_p on those probabilities; the top_k best of what is left; then the smallest set of
+    those, best first, whose mass (renormalised over them) reaches top_p."""
+    scaled = [x / params.temperature for x in logits]
+    weights = [math.exp(x - max(scaled)) for x in scaled]
+    probs = [w / sum(weights) for w in weights]
+    best_first = sorted(range(len(probs)), key=lambda i: -probs[i])
+    kept = [i for i in best_first if probs[i] >= params.min_p * max(probs)][: params.top_k]
+    total, mass, final = sum(probs[i] for i in kept), 0.0, []
+    for i in kept:
+        if mass >= params.top_p * total:
+            break
+        final.append(i)
+        mass += probs[i]
+    return [probs[i] / mass if i in final else 0.0 for i in range(len(probs))]
+
+
+SIX = [math.log(p) for p in (0.4, 0.25, 0.15, 0.1, 0.06, 0.04)]
+EIGHT = [math.log(p) for p in (0.3, 0.2, 0.15, 0.12, 0.1, 0.07, 0.04, 0.02)]
+NUM_DRAWS = 4000
+FREQUENCY_ATOL = 0.03  # about 4 standard deviations of a frequency over NUM_DRAWS draws
+
+
+@pytest.mark.parametrize(
+    ("logits", "params"),
+    [
+        pytest.param(SIX, SamplingParams(temperature=0.5), id="T=0.5"),
+        pytest.param(SIX, SamplingParams(temperature=2.0), id="T=2"),
+        pytest.param(SIX, SamplingParams(temperature=0.5, top_k=3), id="T=0.5,top_k"),
+        pytest.param(SIX, SamplingParams(temperature=2.0, top_p=0.6), id="T=2,top_p"),
+        pytest.param(SIX, SamplingParams(temperature=0.5, min_p=0.1), id="T=0.5,min_p"),
+        # min_p drops token 7, top_k tokens 5 and 6, and top_p (over the five left) token 4
+        pytest.param(
+            EIGHT,
+            SamplingParams(temperature=2.0, top_k=5, top_p=0.7, min_p=0.3),
+            id="T=2,top_k,top_p,min_p",
+        ),
+    ],
+)
+def test_sampling_follows_the_tempered_filtered_distribution(
+    logits: list[float], params: SamplingParams
+) -> None:
+    expected = reference_probs(logits, params)
+    # With the temperature ignored, the frequencies would sit this far from `expected`.
+    untempered = reference_probs(logits, replace(params, temperature=1.0))
+    assert max(abs(a - b) for a, b in zip(expected, untempered, strict=True)) > 2 * FREQUENCY_ATOL
+    row = seeded(params, 0)
+    batch = torch.tensor([logits])
+    counts = [0] * len(logits)
+    for _ in range(NUM_DRAWS):
+        counts[sample(batch, [row]).token_ids[0]] += 1
+    assert [c / NUM_DRAWS for c in counts] == pytest.approx(expected, abs=FREQUENCY_ATOL)
+    assert all(c == 0 for c, p in zip(counts, expected, strict=True) if p == 0.0)  # filtered out
 
 
 def test_logprobs_ignore_sampling_transforms() -> None:
