@@ -28,6 +28,7 @@ class ReadyInstance:
     inflight: int = 0
     accepting: bool = True
     role: str = COLOCATED
+    semi_pd: bool = False  # it runs FlowServe's semi-PD engine
 
 
 class Registry:
@@ -85,6 +86,10 @@ class Registry:
 
     def mode_of(self, deployment: str) -> str:
         return self._modes.get(deployment, "colocated")
+
+    def runs_semi_pd(self, instance_id: str) -> bool:
+        inst = self._instances.get(instance_id)
+        return inst is not None and inst.semi_pd
 
     def ready_roles(self, deployment: str) -> frozenset[str]:
         """The roles of the deployment that have an instance taking requests now."""

@@ -236,10 +236,15 @@ class DeepFlowClient:
         mode: str | None = None,
         prefill_replicas: int | None = None,
         decode_replicas: int | None = None,
+        slo_ttft_ms: float | None = None,
+        slo_tpot_ms: float | None = None,
+        semi_pd_split: int | None = None,
+        semi_pd_static: bool | None = None,
         **autoscaling: Any,
     ) -> DeploymentInfo:
-        """`mode` and the group sizes: docs/pd.md (None leaves them to the control plane);
-        `autoscaling`: DeploymentCreate's fields (max_replicas turns autoscaling on)."""
+        """`mode`, the group sizes and mode semi-pd's settings: docs/pd.md (None leaves them to
+        the control plane); `autoscaling`: DeploymentCreate's fields (max_replicas turns
+        autoscaling on)."""
         body = _build(
             DeploymentCreate,
             name=name,
@@ -248,6 +253,10 @@ class DeepFlowClient:
             replicas=replicas,
             prefill_replicas=prefill_replicas,
             decode_replicas=decode_replicas,
+            slo_ttft_ms=slo_ttft_ms,
+            slo_tpot_ms=slo_tpot_ms,
+            semi_pd_split=semi_pd_split,
+            semi_pd_static=semi_pd_static,
             **autoscaling,
         )
         return self._one(DeploymentInfo, "POST", "/api/v1/deployments", body)
@@ -263,15 +272,24 @@ class DeepFlowClient:
         prefill_replicas: int | None = None,
         decode_replicas: int | None = None,
         mode: str | None = None,
+        slo_ttft_ms: float | None = None,
+        slo_tpot_ms: float | None = None,
+        semi_pd_split: int | None = None,
+        semi_pd_static: bool | None = None,
         **autoscaling: Any,
     ) -> DeploymentInfo:
-        """Change what is given (None leaves it): group sizes, mode, autoscaling settings."""
+        """Change what is given (None leaves it): group sizes, mode, semi-PD and autoscaling
+        settings."""
         body = _build(
             DeploymentUpdate,
             replicas=replicas,
             prefill_replicas=prefill_replicas,
             decode_replicas=decode_replicas,
             mode=mode,
+            slo_ttft_ms=slo_ttft_ms,
+            slo_tpot_ms=slo_tpot_ms,
+            semi_pd_split=semi_pd_split,
+            semi_pd_static=semi_pd_static,
             **autoscaling,
         )
         return self._one(DeploymentInfo, "PATCH", f"/api/v1/deployments/{name}", body)

@@ -11,6 +11,7 @@ from controlplane.wire import (
     NodeInfo,
     RequestInfo,
     ScalingEventInfo,
+    SemiPDConfig,
     TaskInfo,
 )
 from deepflow_cli.output import Column, clock, count, field, size, when
@@ -24,11 +25,21 @@ def groups_of(d: DeploymentInfo) -> list[GroupInfo]:
 
 
 def ready(d: DeploymentInfo) -> str:
-    """Ready/desired instances: `1/2` for a colocated deployment, else per group
-    (`prefill 1/1, decode 0/2`)."""
-    if d.mode == "colocated":
+    """Ready/desired instances: `1/2` for a deployment of one colocated group (colocated,
+    semi-pd), else per group (`prefill 1/1, decode 0/2`)."""
+    groups = groups_of(d)
+    if [g.role for g in groups] == ["colocated"]:
         return f"{d.ready_replicas}/{d.replicas}"
-    return ", ".join(f"{g.role} {g.ready_replicas}/{g.replicas}" for g in groups_of(d))
+    return ", ".join(f"{g.role} {g.ready_replicas}/{g.replicas}" for g in groups)
+
+
+def semi_pd(config: SemiPDConfig | None) -> str:
+    """`TTFT 300 ms, TPOT 50 ms, split 50%, dynamic` (the split FlowServe's when not given)."""
+    if config is None:
+        return "-"
+    split = "default split" if config.split is None else f"split {config.split}%"
+    how = "static" if config.static else "dynamic"
+    return f"TTFT {config.slo_ttft_ms:g} ms, TPOT {config.slo_tpot_ms:g} ms, {split}, {how}"
 
 
 def _event_group(e: ScalingEventInfo) -> str:
@@ -104,7 +115,9 @@ DEPLOYMENT = [
     Column("ready", ready),
     Column("scaling", _scaling),
     field("created_at", "created", when),
+    Column("semi-pd", lambda d: semi_pd(d.semi_pd)),
 ]
+DEPLOYMENT_LIST = DEPLOYMENT[:6]
 
 SCALING_EVENT = [
     field("at", fmt=when),
@@ -121,6 +134,7 @@ INSTANCE = [
     field("model"),
     field("state"),
     field("role"),
+    Column("semi-pd", lambda i: semi_pd(i.semi_pd)),
     field("node_id", "node"),
     field("url"),
     field("pid"),
@@ -137,7 +151,7 @@ INSTANCE = [
     field("registration_s", "registration", seconds),
     Column("request to routed", _to_routed),
 ]
-INSTANCE_LIST = [INSTANCE[i] for i in (0, 1, 3, 4, 11, 5, 6, 8)]
+INSTANCE_LIST = [INSTANCE[i] for i in (0, 1, 3, 4, 12, 6, 7, 9)]
 
 NODE = [
     field("id"),

@@ -1,5 +1,5 @@
-"""SQL of scaling: a deployment's mode, group sizes and autoscaling settings, and its scaling
-events (each change of one group's size, and preloads)."""
+"""SQL of scaling: a deployment's mode, group sizes, autoscaling and semi-PD settings, and its
+scaling events (each change of one group's size, and preloads)."""
 
 from __future__ import annotations
 
@@ -37,8 +37,30 @@ def _or(value: float | None, default: float) -> float:
 
 def scaling_spec(row: t.Deployment) -> ScalingSpec:
     return ScalingSpec(
-        row.replicas, autoscale_config(row), row.mode, row.prefill_replicas, row.decode_replicas
+        row.replicas,
+        autoscale_config(row),
+        row.mode,
+        row.prefill_replicas,
+        row.decode_replicas,
+        semi_pd_config(row),
     )
+
+
+def semi_pd_config(row: t.Deployment) -> wire.SemiPDConfig | None:
+    """Mode semi-pd's instance settings; None in the other modes."""
+    if row.slo_ttft_ms is None or row.slo_tpot_ms is None:
+        return None
+    return wire.SemiPDConfig(
+        slo_ttft_ms=row.slo_ttft_ms,
+        slo_tpot_ms=row.slo_tpot_ms,
+        split=row.semi_pd_split,
+        static=row.semi_pd_static,
+    )
+
+
+def instance_semi_pd(row: t.Instance) -> wire.SemiPDConfig | None:
+    """The semi-PD settings the instance was started with."""
+    return None if row.semi_pd is None else wire.SemiPDConfig.model_validate(row.semi_pd)
 
 
 def group_counts(row: t.Deployment) -> dict[str, int]:
@@ -67,6 +89,11 @@ def apply_spec(row: t.Deployment, spec: ScalingSpec) -> None:
     row.decode_replicas = spec.decode_replicas
     for name, value in config_fields(spec).items():
         setattr(row, name, value)
+    semi_pd = spec.semi_pd
+    row.slo_ttft_ms = None if semi_pd is None else semi_pd.slo_ttft_ms
+    row.slo_tpot_ms = None if semi_pd is None else semi_pd.slo_tpot_ms
+    row.semi_pd_split = None if semi_pd is None else semi_pd.split
+    row.semi_pd_static = semi_pd is not None and semi_pd.static
 
 
 def record(

@@ -173,6 +173,7 @@ def instance_info(row: t.Instance) -> wire.InstanceInfo:
         url=row.url,
         pid=row.pid,
         role=row.role,
+        semi_pd=scaling_store.instance_semi_pd(row),
         reason=row.reason,
         created_at=row.created_at,
         updated_at=row.updated_at,
@@ -194,6 +195,7 @@ def deployment_info(session: Session, row: t.Deployment) -> wire.DeploymentInfo:
         replicas=row.replicas,
         ready_replicas=ready[COLOCATED],
         groups=groups,
+        semi_pd=scaling_store.semi_pd_config(row),
         created_at=row.created_at,
         instances=live,
         autoscaling=scaling_store.autoscaling_info(row),
@@ -231,8 +233,9 @@ def get_deployment(session: Session, name: str) -> t.Deployment:
 def update_deployment(
     session: Session, name: str, body: wire.DeploymentUpdate, now: float
 ) -> t.Deployment:
-    """`PATCH`: mode, group sizes and autoscaling settings. Each group whose count changes is a
-    manual scaling event of that group; a change of settings alone is one event of no group."""
+    """`PATCH`: mode, group sizes, autoscaling and semi-PD settings. Each group whose count
+    changes is a manual scaling event of that group; a change of settings alone is one event of
+    no group."""
     row = get_deployment(session, name)
     before = scaling_store.scaling_spec(row)
     after = scaling_spec.for_update(name, before, body)
@@ -248,7 +251,13 @@ def update_deployment(
         scaling_store.record(session, name, "manual", was, wanted, reason, inputs, now, role)
     if not changed:
         n = after.replicas
-        scaling_store.record(session, name, "manual", n, n, "updated by hand", inputs, now)
+        if after.mode != before.mode:
+            why = reason  # colocated <-> semi-pd: the same group, its instances replaced
+        elif after.semi_pd != before.semi_pd:
+            why = "semi-PD settings changed by hand"
+        else:
+            why = "updated by hand"
+        scaling_store.record(session, name, "manual", n, n, why, inputs, now)
     return row
 
 

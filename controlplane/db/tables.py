@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Float,
     ForeignKey,
     Index,
@@ -21,6 +22,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql import false
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -62,6 +64,11 @@ class Deployment(Base):
     mode: Mapped[str] = mapped_column(String(16), server_default="colocated")
     prefill_replicas: Mapped[int] = mapped_column(Integer, server_default="0")
     decode_replicas: Mapped[int] = mapped_column(Integer, server_default="0")
+    # Mode semi-pd's instance settings (reconcile/semi_pd.py); None/false in the other modes.
+    slo_ttft_ms: Mapped[float | None] = mapped_column(Float)
+    slo_tpot_ms: Mapped[float | None] = mapped_column(Float)
+    semi_pd_split: Mapped[int | None] = mapped_column(Integer)  # None: FlowServe's default
+    semi_pd_static: Mapped[bool] = mapped_column(Boolean, server_default=false())
     # Autoscaling is on when max_replicas is set (docs/scaling.md, "Autoscaling").
     min_replicas: Mapped[int | None] = mapped_column(Integer)
     max_replicas: Mapped[int | None] = mapped_column(Integer)
@@ -113,6 +120,9 @@ class Instance(Base):
     model: Mapped[str] = mapped_column(MODEL_NAME)
     node_id: Mapped[str | None] = mapped_column(String(64))
     role: Mapped[str] = mapped_column(String(32))
+    # The semi-PD settings it was started with (wire.SemiPDConfig; None: not semi-PD), so an
+    # instance whose deployment's settings changed since is replaced.
+    semi_pd: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     state: Mapped[str] = mapped_column(String(32))
     url: Mapped[str | None] = mapped_column(Text)
     pid: Mapped[int | None] = mapped_column(Integer)

@@ -1,5 +1,6 @@
-"""The chat job executor: request -> one chat job -> one colocated task on a FlowServe instance,
-or two tasks (prefill, then decode) on a disaggregated pair (docs/pd.md).
+"""The chat job executor: request -> one chat job -> one colocated task on a FlowServe instance
+(a semi-PD one too; the job's `schedule` then says so), or two tasks (prefill, then decode) on a
+disaggregated pair (docs/pd.md).
 
 `ChatExecutor.start` writes the records, waits for a ready instance (the 503 path), dispatches the
 task(s) over HTTP and returns a `ChatRun` streaming from the colocated or decode instance; the API
@@ -39,6 +40,7 @@ from controlplane.jobs.pd import (
     run_prefill,
     sched_request,
 )
+from controlplane.reconcile.groups import SEMI_PD, pd_scheduled
 from controlplane.registry import Registry
 from controlplane.routing.dist_sched import (
     Decision,
@@ -213,7 +215,8 @@ class ChatExecutor:
         attempt = self._create_records(spec)
         self.registry.inflight_requests += 1
         try:
-            if self.registry.mode_of(spec.deployment) == "colocated" and spec.pd_mode is None:
+            mode = self.registry.mode_of(spec.deployment)
+            if not pd_scheduled(mode) and spec.pd_mode is None:
                 return await self._dispatch(spec, attempt)
             return await self._dispatch_pd(spec, attempt)
         except BaseException as exc:
@@ -318,7 +321,11 @@ class ChatExecutor:
             except BaseException:
                 self.registry.release(instance.id)
                 raise
-            self._dispatched(attempt, task, instance)
+            if self.registry.runs_semi_pd(instance.id):
+                schedule = {"mode": SEMI_PD, "instance": instance.id}
+                self._dispatched(attempt, task, instance, " (semi-PD)", schedule=schedule)
+            else:
+                self._dispatched(attempt, task, instance)
             return self._run(spec, attempt, task, instance, response)
         raise Unavailable(
             f"deployment {spec.deployment!r} has no ready instance ({last_error}); retry later",

@@ -2,7 +2,10 @@
 
 A deployment is planned group by group (reconcile/groups.py): each role's instances are started
 or drained towards that group's count, and an instance of a group the deployment no longer has
-wants 0, so it drains.
+wants 0, so it drains. An instance started with other semi-PD settings than its deployment's
+(the mode or the SLOs changed since; reconcile/semi_pd.py) is outdated: replacements start as
+for a missing instance, and outdated ones drain as replacements become ready, so the group
+never has fewer ready instances than it wants while they are replaced.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 from controlplane.reconcile.groups import COLOCATED, COUNT_FIELD, ROLES, roles_of
 from controlplane.routing.policy import NodeLoad, pick_node
 from controlplane.states import InstanceState, NodeState
-from controlplane.wire.instance import InstanceRole
+from controlplane.wire.instance import InstanceRole, SemiPDConfig
 
 # A deployment whose instances failed this often within the window waits before the next start,
 # so a model that cannot load does not spin the node in a crash loop.
@@ -30,6 +33,7 @@ class DeploymentView:
     prefill_replicas: int = 0
     decode_replicas: int = 0
     mode: str = "colocated"
+    semi_pd: SemiPDConfig | None = None  # mode semi-pd: how its instances run
 
     def desired(self, role: str) -> int:
         return int(getattr(self, COUNT_FIELD[role]))
@@ -49,6 +53,7 @@ class InstanceView:
     created_at: float
     updated_at: float
     role: str = COLOCATED
+    semi_pd: SemiPDConfig | None = None  # what it was started with
 
 
 @dataclass(slots=True, frozen=True)
@@ -65,6 +70,7 @@ class StartInstance:
     model: str
     node_id: str
     role: InstanceRole = COLOCATED
+    semi_pd: SemiPDConfig | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -138,20 +144,37 @@ def plan(
                 for i in alive
                 if i.deployment == dep.name and i.role == role and i.state in SERVING
             ]
+            current = [i for i in group if i.semi_pd == dep.semi_pd]
             wanted = dep.desired(role)
-            gap = wanted - len(group)
+            gap = wanted - len(current)
             if gap > 0 and not crash_looping:
                 for _ in range(gap):
                     target = pick_node([NodeLoad(n.id, n.url, load[n.id]) for n in ready_nodes])
                     if target is None:
                         break
                     load[target.id] += 1
-                    actions.append(StartInstance(dep.name, dep.model, target.id, role))
+                    actions.append(StartInstance(dep.name, dep.model, target.id, role, dep.semi_pd))
             elif gap < 0:
                 why = f"scaled to {wanted}" if role == COLOCATED else f"{role} scaled to {wanted}"
-                for inst in _removal_order(group)[:-gap]:
+                for inst in _removal_order(current)[:-gap]:
                     actions.append(DrainInstance(inst.id, why))
+            outdated = [i for i in group if i.semi_pd != dep.semi_pd]
+            for inst in _replaced(outdated, current, wanted):
+                actions.append(DrainInstance(inst.id, "replaced: semi-PD settings changed"))
     return actions
+
+
+def _replaced(
+    outdated: list[InstanceView], current: list[InstanceView], wanted: int
+) -> list[InstanceView]:
+    """The outdated instances to drain now: those not ready (they would serve the old settings
+    once ready), and of the ready ones as many as the group has ready instances beyond what it
+    wants (the least busy first)."""
+    ready = [i for i in outdated if i.state == InstanceState.READY]
+    num_ready = len(ready) + sum(i.state == InstanceState.READY for i in current)
+    spare = max(0, min(len(ready), num_ready - wanted))
+    unready = [i for i in outdated if i.state != InstanceState.READY]
+    return unready + _removal_order(ready)[:spare]
 
 
 def _silent(node: NodeView, now: float, timeout: float) -> bool:

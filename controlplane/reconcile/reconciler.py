@@ -162,7 +162,13 @@ class Reconciler:
         return Snapshot(
             deployments=[
                 DeploymentView(
-                    d.name, d.model, d.replicas, d.prefill_replicas, d.decode_replicas, d.mode
+                    d.name,
+                    d.model,
+                    d.replicas,
+                    d.prefill_replicas,
+                    d.decode_replicas,
+                    d.mode,
+                    scaling_store.semi_pd_config(d),
                 )
                 for d in deployments
             ],
@@ -176,6 +182,7 @@ class Reconciler:
                     r.created_at,
                     r.updated_at,
                     r.role,
+                    scaling_store.instance_semi_pd(r),
                 )
                 for r in rows
                 if r.state != InstanceState.FAILED.value or self.clock() - r.updated_at < 120
@@ -204,6 +211,7 @@ class Reconciler:
                 url=snap.instance_urls[i.id],
                 accepting=i.state == InstanceState.READY,
                 role=i.role,
+                semi_pd=i.semi_pd is not None,
             )
             for i in snap.instances
             if i.state in (InstanceState.READY, InstanceState.DRAINING)
@@ -219,8 +227,8 @@ class Reconciler:
     async def _apply(self, action: Action, snap: Snapshot) -> None:
         now = self.clock()
         match action:
-            case StartInstance(deployment, model, node_id, role):
-                await self._start(deployment, model, node_id, role, snap)
+            case StartInstance(deployment, model, node_id, role, semi_pd):
+                await self._start(deployment, model, node_id, role, semi_pd, snap)
             case DrainInstance(instance_id, reason):
                 await self._change(instance_id, InstanceState.DRAINING, reason)
             case StopInstance(instance_id, reason):
@@ -244,7 +252,13 @@ class Reconciler:
             log.info("instance %s: %s", instance_id, exc)
 
     async def _start(
-        self, deployment: str, model: str, node_id: str, role: wire.InstanceRole, snap: Snapshot
+        self,
+        deployment: str,
+        model: str,
+        node_id: str,
+        role: wire.InstanceRole,
+        semi_pd: wire.SemiPDConfig | None,
+        snap: Snapshot,
     ) -> None:
         instance_id = f"inst-{uuid.uuid4().hex[:12]}"
         now = self.clock()
@@ -254,6 +268,7 @@ class Reconciler:
             model=model,
             node_id=node_id,
             role=role,
+            semi_pd=None if semi_pd is None else semi_pd.model_dump(mode="json"),
             state=InstanceState.PENDING.value,
             created_at=now,
             updated_at=now,
@@ -265,6 +280,7 @@ class Reconciler:
             model=deployment,
             model_path=snap.model_paths[model],
             role=role,
+            semi_pd=semi_pd,
         )
         try:
             reply = await self.http.post(

@@ -12,6 +12,8 @@ The groups (docs/pd.md, "Deployment modes and groups"): the mode says which grou
 has (`groups.roles_of`); a group it does not have is 0 and may only be given as 0. A mode may
 change only to one that shares a group with it (through auto); a group the new mode adds starts
 at 1 (within the bounds) unless given, and a group it drops goes to 0.
+
+Mode semi-pd also carries its instances' settings (reconcile/semi_pd.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from controlplane import wire
 from controlplane.errors import InvalidRequest
+from controlplane.reconcile import semi_pd
 from controlplane.reconcile.autoscale import AutoscaleConfig
 from controlplane.reconcile.groups import (
     COLOCATED,
@@ -29,6 +32,7 @@ from controlplane.reconcile.groups import (
     DECODE,
     PREFILL,
     ROLES,
+    SEMI_PD,
     roles_of,
     safe_mode_change,
 )
@@ -49,6 +53,7 @@ class ScalingSpec:
     mode: str = "colocated"
     prefill_replicas: int = 0
     decode_replicas: int = 0
+    semi_pd: wire.SemiPDConfig | None = None  # mode semi-pd's instance settings
 
     def group(self, role: str) -> int:
         return int(getattr(self, COUNT_FIELD[role]))
@@ -67,7 +72,7 @@ def for_create(body: wire.DeploymentCreate) -> ScalingSpec:
     counts: dict[str, int] = {
         role: _count(body, role, body.mode, config, None, body.name) for role in ROLES
     }
-    return _spec(counts, config, body.mode)
+    return _spec(counts, config, body.mode, semi_pd.for_create(body))
 
 
 def for_update(name: str, current: ScalingSpec, body: wire.DeploymentUpdate) -> ScalingSpec:
@@ -84,11 +89,18 @@ def for_update(name: str, current: ScalingSpec, body: wire.DeploymentUpdate) -> 
     counts: dict[str, int] = {
         role: _count(body, role, mode, config, current, name) for role in ROLES
     }
-    return _spec(counts, config, mode)
+    return _spec(counts, config, mode, semi_pd.for_update(name, current.semi_pd, mode, body))
 
 
-def _spec(counts: dict[str, int], config: AutoscaleConfig | None, mode: str) -> ScalingSpec:
-    return ScalingSpec(counts[COLOCATED], config, mode, counts[PREFILL], counts[DECODE])
+def _spec(
+    counts: dict[str, int],
+    config: AutoscaleConfig | None,
+    mode: str,
+    semi_pd_config: wire.SemiPDConfig | None,
+) -> ScalingSpec:
+    return ScalingSpec(
+        counts[COLOCATED], config, mode, counts[PREFILL], counts[DECODE], semi_pd_config
+    )
 
 
 def _count(
@@ -104,9 +116,15 @@ def _count(
     given: int | None = getattr(body, field)
     if role not in roles_of(mode):
         if given:
+            hint = (
+                "each semi-PD instance runs its own prefill and decode workers; size it with "
+                "replicas"
+                if mode == SEMI_PD
+                else "mode auto runs colocated, prefill and decode groups"
+            )
             raise InvalidRequest(
                 f"a {mode} deployment has no {role} group, so {field} must be left out or 0 "
-                f"(mode auto runs colocated, prefill and decode groups)",
+                f"({hint})",
                 param=field,
                 code="group_not_in_mode",
             )

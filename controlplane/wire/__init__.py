@@ -61,6 +61,7 @@ from controlplane.wire.instance import (
     KVTransport,
     PrefillOnly,
     SamplingSpec,
+    SemiPDConfig,
 )
 from controlplane.wire.manage import (
     NAME_PATTERN,
@@ -166,6 +167,7 @@ __all__ = [
     "KVTransport",
     "PrefillOnly",
     "SamplingSpec",
+    "SemiPDConfig",
     "PDProfileCreate",
     "PDProfileInfo",
     "PredictorAccuracyInfo",

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from controlplane.wire.base import Open, Strict
-from controlplane.wire.instance import InstanceRole, InstanceStartup
+from controlplane.wire.instance import InstanceRole, InstanceStartup, SemiPDConfig
 from controlplane.wire.manage import NodeResources
 from controlplane.wire.training import TrainingReport
 
@@ -56,6 +56,7 @@ class InstanceStart(Strict):
     model_path: str
     engine_args: dict[str, Any] = Field(default_factory=dict)
     role: InstanceRole = "colocated"  # its group in the deployment: FlowServe's --role
+    semi_pd: SemiPDConfig | None = None  # a semi-pd deployment's instance: FlowServe's --semi-pd
 
 
 class PreloadStart(Strict):

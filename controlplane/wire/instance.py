@@ -156,6 +156,18 @@ class InstanceStartup(Open):
 InstanceRole = Literal["colocated", "prefill", "decode"]
 
 
+class SemiPDConfig(Strict):
+    """How a semi-PD instance runs (docs/pd.md, "semi-PD deployments"): FlowServe's `--semi-pd`
+    flags. The prefill worker starts at `split` percent of the device's compute (None:
+    FlowServe's default, 50) and the SLO controller moves it to meet the P90 targets, unless
+    `static`."""
+
+    slo_ttft_ms: float = Field(gt=0, allow_inf_nan=False)
+    slo_tpot_ms: float = Field(gt=0, allow_inf_nan=False)
+    split: int | None = Field(default=None, gt=0, lt=100)
+    static: bool = False
+
+
 class InstanceHealth(Open):
     status: Literal["ok", "loading"]
     instance_id: str | None = None

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from controlplane.wire.base import Open, Strict
-from controlplane.wire.instance import InstanceStartup
+from controlplane.wire.instance import InstanceStartup, SemiPDConfig
 
 # ---------------------------------------------------------------------------------------------
 # Management API (/api/v1)
@@ -48,8 +48,9 @@ class AutoscalingFields(Strict):
 
 
 # How a deployment serves (docs/pd.md, "Deployment modes and groups"): one group of colocated
-# instances; a prefill group and a decode group (PD disaggregation); or all three groups.
-DeploymentMode = Literal["colocated", "disaggregated", "auto"]
+# instances; a prefill group and a decode group (PD disaggregation); all three groups; or one
+# group of semi-PD instances (prefill and decode workers in each, on shares of its device).
+DeploymentMode = Literal["colocated", "disaggregated", "auto", "semi-pd"]
 
 
 class GroupFields(AutoscalingFields):
@@ -62,13 +63,24 @@ class GroupFields(AutoscalingFields):
     decode_replicas: int | None = Field(default=None, ge=0, le=256)
 
 
-class DeploymentCreate(GroupFields):
+class SemiPDFields(GroupFields):
+    """A semi-pd deployment's instances (docs/pd.md, "semi-PD deployments"): both SLOs are
+    required in mode semi-pd and refused in the others; None keeps the current value (update)
+    or FlowServe's default (the split, 50; dynamic)."""
+
+    slo_ttft_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # P90 target
+    slo_tpot_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # P90 target
+    semi_pd_split: int | None = Field(default=None, gt=0, lt=100)  # prefill's starting percent
+    semi_pd_static: bool | None = None  # keep the split (the SLOs are only observed)
+
+
+class DeploymentCreate(SemiPDFields):
     name: str = Field(pattern=NAME_PATTERN)
     model: str = Field(pattern=MODEL_NAME_PATTERN)
     mode: DeploymentMode = "colocated"
 
 
-class DeploymentUpdate(GroupFields):
+class DeploymentUpdate(SemiPDFields):
     # A new mode must share a group with the current one (through auto), so something serves
     # throughout; the groups it adds start at 1 unless given.
     mode: DeploymentMode | None = None
@@ -108,6 +120,7 @@ class InstanceInfo(Open):
     url: str | None = None
     pid: int | None = None
     role: str = "colocated"
+    semi_pd: SemiPDConfig | None = None  # what it was started with (None: not semi-PD)
     reason: str | None = None
     created_at: float
     updated_at: float
@@ -135,6 +148,7 @@ class DeploymentInfo(Open):
     created_at: float
     mode: str = "colocated"
     groups: list[GroupInfo] = Field(default_factory=list)  # every group of its mode
+    semi_pd: SemiPDConfig | None = None  # mode semi-pd: how its instances run
     instances: list[InstanceInfo] = Field(default_factory=list)
     autoscaling: AutoscalingInfo | None = None  # None: fixed replicas
 
@@ -191,7 +205,8 @@ class JobInfo(Open):
     created_at: float
     finished_at: float | None = None
     error: str | None = None
-    schedule: dict[str, Any] | None = None  # the routing decision on a PD deployment
+    # The routing decision on a PD deployment; {"mode": "semi-pd", "instance"} on a semi-PD one
+    schedule: dict[str, Any] | None = None
     tasks: list[TaskInfo] = Field(default_factory=list)
     events: list[EventInfo] = Field(default_factory=list)
 

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from controlplane.wire import InstanceStart
+from controlplane.wire import InstanceStart, SemiPDConfig
 from dataplane.agent.errors import InvalidStart
 
 # Called with the start request and the port chosen for it; returns argv.
@@ -18,7 +18,21 @@ CommandFor = Callable[[InstanceStart, int], list[str]]
 INSTANCE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ENGINE_ARG_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 # Flags the agent sets itself; engine_args may not override them.
-RESERVED_FLAGS = frozenset({"model", "port", "host", "instance_id", "model_name", "role"})
+RESERVED_FLAGS = frozenset(
+    {
+        "model",
+        "port",
+        "host",
+        "instance_id",
+        "model_name",
+        "role",
+        "semi_pd",
+        "slo_ttft_ms",
+        "slo_tpot_ms",
+        "semi_pd_split",
+        "semi_pd_static",
+    }
+)
 
 
 def check_start(start: InstanceStart) -> None:
@@ -69,9 +83,23 @@ def engine_flags(engine_args: dict[str, Any]) -> list[str]:
     return flags
 
 
+def semi_pd_flags(config: SemiPDConfig | None) -> list[str]:
+    """FlowServe's semi-PD flags for an instance of a semi-pd deployment; none otherwise."""
+    if config is None:
+        return []
+    flags = ["--semi-pd", "--slo-ttft-ms", str(config.slo_ttft_ms)]
+    flags += ["--slo-tpot-ms", str(config.slo_tpot_ms)]
+    if config.split is not None:
+        flags += ["--semi-pd-split", str(config.split)]
+    if config.static:
+        flags.append("--semi-pd-static")
+    return flags
+
+
 def flowserve_command(start: InstanceStart, port: int, host: str = "127.0.0.1") -> list[str]:
     """The argv of a FlowServe instance: `python -m dataplane.flowserve ...`; `--role` only for
-    an instance of a prefill or decode group (colocated is FlowServe's default)."""
+    an instance of a prefill or decode group (colocated is FlowServe's default), the semi-PD
+    flags only for an instance of a semi-pd deployment."""
     role = [] if start.role == "colocated" else ["--role", start.role]
     return [
         sys.executable,
@@ -88,5 +116,6 @@ def flowserve_command(start: InstanceStart, port: int, host: str = "127.0.0.1") 
         "--model-name",
         start.model,
         *role,
+        *semi_pd_flags(start.semi_pd),
         *engine_flags(start.engine_args),
     ]

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from controlplane.wire import InstanceRole, InstanceStart
+from controlplane.wire import InstanceRole, InstanceStart, SemiPDConfig
 from dataplane.agent.launch import flowserve_command
 
 Message = dict[str, Any]
@@ -54,6 +54,7 @@ class StartCommand:
     weights_peer: str | None = None  # ... and a new one on the same GPU takes them from there
     weights_peer_mode: str = "copy"
     role: InstanceRole = "colocated"
+    semi_pd: dict[str, Any] | None = None  # InstanceStart.semi_pd as JSON
 
     @classmethod
     def of(
@@ -79,6 +80,7 @@ class StartCommand:
             torch_threads=torch_threads,
             weights_cache=weights_cache,
             role=start.role,
+            semi_pd=None if start.semi_pd is None else start.semi_pd.model_dump(mode="json"),
         )
 
     def flowserve_argv(self) -> list[str]:
@@ -90,6 +92,7 @@ class StartCommand:
             model_path=self.model_path,
             engine_args=self.engine_args,
             role=self.role,
+            semi_pd=None if self.semi_pd is None else SemiPDConfig.model_validate(self.semi_pd),
         )
         argv = flowserve_command(start, self.port, self.host)[3:]  # past `python -m module`
         if self.weights_cache is not None:

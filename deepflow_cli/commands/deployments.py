@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
 
 from controlplane.wire import DeploymentInfo
 from deepflow_cli import columns
+from deepflow_cli import deployment_options as opts
 from deepflow_cli.client import DeepFlowClient
 from deepflow_cli.context import connect
 from deepflow_cli.errors import CliError, ExitCode
@@ -23,108 +23,13 @@ NameArg = Annotated[str, typer.Argument(help="Deployment name.")]
 POLL_INTERVAL_S = 0.5
 
 
-class Mode(StrEnum):
-    """How a deployment serves (docs/pd.md, "Deployment modes and groups")."""
-
-    colocated = "colocated"  # one group: instances that prefill and decode
-    disaggregated = "disaggregated"  # a prefill group and a decode group
-    auto = "auto"  # all three groups
-
-
-# Autoscaling (docs/scaling.md, "Autoscaling"): on when --max-replicas is given.
-OptionalReplicasOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--replicas",
-        "-r",
-        min=0,
-        help="Colocated instances (default 1 where the mode has them); with autoscaling, the "
-        "count to start from.",
-        show_default=False,
-    ),
-]
-ModeOpt = Annotated[
-    Mode | None,
-    typer.Option(
-        "--mode",
-        help="colocated (default), disaggregated (prefill and decode groups) or auto (all three).",
-        show_default=False,
-    ),
-]
-PrefillOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--prefill",
-        min=0,
-        help="Prefill instances (disaggregated or auto mode; default 1).",
-        show_default=False,
-    ),
-]
-DecodeOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--decode",
-        min=0,
-        help="Decode instances (disaggregated or auto mode; default 1).",
-        show_default=False,
-    ),
-]
-MinReplicasOpt = Annotated[
-    int | None,
-    typer.Option("--min-replicas", min=0, help="Autoscaling: fewest replicas (default 0)."),
-]
-MaxReplicasOpt = Annotated[
-    int | None,
-    typer.Option("--max-replicas", min=1, help="Autoscaling: most replicas; turns it on."),
-]
-TargetOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--target-concurrency",
-        min=0.001,
-        help="Autoscaling: requests (running + waiting) per replica to aim for (default 2).",
-    ),
-]
-UpscaleDelayOpt = Annotated[
-    float | None,
-    typer.Option("--upscale-delay", min=0, help="Autoscaling: seconds of load before adding (30)."),
-]
-DownscaleDelayOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--downscale-delay", min=0, help="Autoscaling: seconds of low load before removing (600)."
-    ),
-]
-ScaleToZeroOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--scale-to-zero-after",
-        min=0,
-        help="Autoscaling: seconds without requests before the last replica goes (60).",
-    ),
-]
-
-
-def _autoscaling(
-    min_replicas: int | None,
-    max_replicas: int | None,
-    target: float | None,
-    upscale_delay: float | None,
-    downscale_delay: float | None,
-    scale_to_zero_after: float | None,
-) -> dict[str, Any]:
-    return {
-        "min_replicas": min_replicas,
-        "max_replicas": max_replicas,
-        "target_concurrency": target,
-        "upscale_delay_s": upscale_delay,
-        "downscale_delay_s": downscale_delay,
-        "scale_to_zero_after_s": scale_to_zero_after,
-    }
+def _one_group(d: DeploymentInfo) -> bool:
+    """A deployment of colocated instances only (colocated or semi-pd): sized by `replicas`."""
+    return [g.role for g in columns.groups_of(d)] == ["colocated"]
 
 
 def _summary(d: DeploymentInfo) -> str:
-    if d.mode == "colocated":
+    if _one_group(d):
         sizes = f"{d.replicas} replicas"
     else:
         sizes = ", ".join(f"{g.role} {g.replicas}" for g in columns.groups_of(d))
@@ -135,7 +40,7 @@ def _summary(d: DeploymentInfo) -> str:
 
 
 def _ready_line(d: DeploymentInfo) -> str:
-    if d.mode == "colocated":
+    if _one_group(d):
         return f"{d.ready_replicas}/{d.replicas} replicas ready"
     return f"{columns.ready(d)} ready"
 
@@ -163,39 +68,25 @@ def _wait_ready(client: DeepFlowClient, name: str, timeout: float) -> Deployment
     return latest[-1]
 
 
-def _check_groups(
-    mode: Mode, replicas: int | None, prefill: int | None, decode: int | None
-) -> None:
-    """The flags of the groups a mode does not have are usage errors, found before sending."""
-    if mode == Mode.colocated and (prefill is not None or decode is not None):
-        raise CliError(
-            "--prefill and --decode size the groups of --mode disaggregated or auto; a "
-            "colocated deployment has only --replicas",
-            ExitCode.USAGE,
-        )
-    if mode == Mode.disaggregated and replicas:
-        raise CliError(
-            "a disaggregated deployment has no colocated instances: leave out --replicas and "
-            "give --prefill and --decode (--mode auto runs all three groups)",
-            ExitCode.USAGE,
-        )
-
-
 @shortcuts.command()
 def deploy(
     ctx: typer.Context,
     name: NameArg,
     model: Annotated[str, typer.Option("--model", "-m", help="Registered model to serve.")],
-    replicas: OptionalReplicasOpt = None,
-    mode: ModeOpt = None,
-    prefill: PrefillOpt = None,
-    decode: DecodeOpt = None,
-    min_replicas: MinReplicasOpt = None,
-    max_replicas: MaxReplicasOpt = None,
-    target_concurrency: TargetOpt = None,
-    upscale_delay: UpscaleDelayOpt = None,
-    downscale_delay: DownscaleDelayOpt = None,
-    scale_to_zero_after: ScaleToZeroOpt = None,
+    replicas: opts.OptionalReplicasOpt = None,
+    mode: opts.ModeOpt = None,
+    prefill: opts.PrefillOpt = None,
+    decode: opts.DecodeOpt = None,
+    slo_ttft_ms: opts.SloTtftOpt = None,
+    slo_tpot_ms: opts.SloTpotOpt = None,
+    semi_pd_split: opts.SemiPDSplitOpt = None,
+    semi_pd_static: opts.SemiPDStaticOpt = None,
+    min_replicas: opts.MinReplicasOpt = None,
+    max_replicas: opts.MaxReplicasOpt = None,
+    target_concurrency: opts.TargetOpt = None,
+    upscale_delay: opts.UpscaleDelayOpt = None,
+    downscale_delay: opts.DownscaleDelayOpt = None,
+    scale_to_zero_after: opts.ScaleToZeroOpt = None,
     wait: WaitOpt = True,
     timeout: TimeoutOpt = 300.0,
     json_mode: JsonOpt = False,
@@ -203,10 +94,11 @@ def deploy(
     """Create a deployment of a model and wait until its instances are ready.
 
     --mode colocated (default) runs --replicas instances; disaggregated a prefill group and a
-    decode group (--prefill, --decode; 1 each by default); auto all three. Without
-    --max-replicas each group keeps its size; with it, each autoscales between --min-replicas
-    (default 0) and --max-replicas."""
-    autoscaling = _autoscaling(
+    decode group (--prefill, --decode; 1 each by default); auto all three; semi-pd --replicas
+    semi-PD instances, each splitting its device between a prefill and a decode worker to meet
+    --slo-ttft-ms and --slo-tpot-ms. Without --max-replicas each group keeps its size; with it,
+    each autoscales between --min-replicas (default 0) and --max-replicas."""
+    autoscaling = opts.autoscaling_fields(
         min_replicas,
         max_replicas,
         target_concurrency,
@@ -214,9 +106,11 @@ def deploy(
         downscale_delay,
         scale_to_zero_after,
     )
+    semi_pd = opts.semi_pd_fields(slo_ttft_ms, slo_tpot_ms, semi_pd_split, semi_pd_static)
     with reporting_errors():
-        _check_groups(mode or Mode.colocated, replicas, prefill, decode)
-    if replicas is None and max_replicas is None and mode in (None, Mode.colocated):
+        opts.check_groups(mode or opts.Mode.colocated, replicas, prefill, decode)
+        opts.check_semi_pd(mode, semi_pd, creating=True)
+    if replicas is None and max_replicas is None and mode in (None, opts.Mode.colocated):
         replicas = 1
     with connect(ctx) as client:
         deployment = client.create_deployment(
@@ -226,6 +120,7 @@ def deploy(
             mode=None if mode is None else mode.value,
             prefill_replicas=prefill,
             decode_replicas=decode,
+            **semi_pd,
             **autoscaling,
         )
         if wait:
@@ -269,31 +164,42 @@ def scale(
 def update(
     ctx: typer.Context,
     name: NameArg,
-    replicas: OptionalReplicasOpt = None,
-    prefill: PrefillOpt = None,
-    decode: DecodeOpt = None,
+    replicas: opts.OptionalReplicasOpt = None,
+    prefill: opts.PrefillOpt = None,
+    decode: opts.DecodeOpt = None,
     mode: Annotated[
-        Mode | None,
+        opts.Mode | None,
         typer.Option(
             "--mode",
             help="A new mode sharing a group with the current one: colocated and "
-            "disaggregated change through auto.",
+            "disaggregated change through auto; semi-pd (needs both SLOs) from colocated or auto.",
             show_default=False,
         ),
     ] = None,
-    min_replicas: MinReplicasOpt = None,
-    max_replicas: MaxReplicasOpt = None,
-    target_concurrency: TargetOpt = None,
-    upscale_delay: UpscaleDelayOpt = None,
-    downscale_delay: DownscaleDelayOpt = None,
-    scale_to_zero_after: ScaleToZeroOpt = None,
+    slo_ttft_ms: opts.SloTtftOpt = None,
+    slo_tpot_ms: opts.SloTpotOpt = None,
+    semi_pd_split: opts.SemiPDSplitOpt = None,
+    semi_pd_static: opts.SemiPDStaticOpt = None,
+    min_replicas: opts.MinReplicasOpt = None,
+    max_replicas: opts.MaxReplicasOpt = None,
+    target_concurrency: opts.TargetOpt = None,
+    upscale_delay: opts.UpscaleDelayOpt = None,
+    downscale_delay: opts.DownscaleDelayOpt = None,
+    scale_to_zero_after: opts.ScaleToZeroOpt = None,
     no_autoscale: Annotated[
         bool, typer.Option("--no-autoscale", help="Turn autoscaling off, keeping the replicas.")
     ] = False,
     json_mode: JsonOpt = False,
 ) -> None:
-    """Change a deployment: its mode, group sizes, or autoscaling (--max-replicas turns it on)."""
-    fields = _autoscaling(
+    """Change a deployment: its mode, group sizes, semi-PD settings, or autoscaling
+    (--max-replicas turns it on). Instances whose semi-PD settings change are replaced, each
+    draining once a replacement is ready."""
+    semi_pd = opts.semi_pd_fields(slo_ttft_ms, slo_tpot_ms, semi_pd_split, semi_pd_static)
+    with reporting_errors():
+        if mode == opts.Mode.semi_pd:
+            opts.check_groups(mode, replicas, prefill, decode)
+        opts.check_semi_pd(mode, semi_pd, creating=False)
+    fields = opts.autoscaling_fields(
         min_replicas,
         max_replicas,
         target_concurrency,
@@ -306,14 +212,15 @@ def update(
         prefill_replicas=prefill,
         decode_replicas=decode,
         mode=None if mode is None else mode.value,
+        **semi_pd,
     )
     if no_autoscale:
         fields["autoscaling"] = False
     if all(v is None for v in fields.values()):
         with reporting_errors():
             raise CliError(
-                "nothing to change: give --replicas, --prefill, --decode, --mode or an "
-                "autoscaling option",
+                "nothing to change: give --replicas, --prefill, --decode, --mode, a semi-PD "
+                "or an autoscaling option",
                 ExitCode.USAGE,
             )
     _update(ctx, name, fields, json_mode)
@@ -343,7 +250,7 @@ def scaling(
 def list_(ctx: typer.Context, json_mode: JsonOpt = False) -> None:
     """List deployments."""
     with connect(ctx) as client:
-        render(client.list_deployments(), columns.DEPLOYMENT, json_mode, title="deployments")
+        render(client.list_deployments(), columns.DEPLOYMENT_LIST, json_mode, title="deployments")
 
 
 @app.command()

@@ -210,6 +210,6 @@ def status(ctx: typer.Context, json_mode: JsonOpt = False) -> None:
     say(f"DeepFlow {platform.version} at {platform.url}", style="bold")
     say(f"database {platform.database}, home {platform.home}", style="dim")
     render(platform.nodes, columns.NODE_LIST, False, title="nodes")
-    render(platform.deployments, columns.DEPLOYMENT, False, title="deployments")
+    render(platform.deployments, columns.DEPLOYMENT_LIST, False, title="deployments")
     if not any(node.state == "ready" for node in platform.nodes):
         warn("no node is ready; is the node agent running? (`deepflow up` starts one)")

@@ -125,3 +125,67 @@ def test_deployment_modes_and_groups(client: TestClient, tiny_model: Path) -> No
     assert back["mode"] == "colocated" and len(back["groups"]) == 1
     scaling = client.get("/api/v1/deployments/plain/scaling").json()["data"]
     assert all(e["role"] is None or e["role"] in ("prefill", "decode") for e in scaling)
+
+
+def test_semi_pd_deployments_at_the_api_edge(client: TestClient, tiny_model: Path) -> None:
+    client.post("/api/v1/models", json={"name": "tiny", "path": str(tiny_model)})
+
+    def create(**body: object) -> object:
+        return client.post("/api/v1/deployments", json={"model": "tiny", **body})
+
+    slos = {"slo_ttft_ms": 300, "slo_tpot_ms": 50}
+    reply = create(name="semi", mode="semi-pd", replicas=0, semi_pd_split=40, **slos)
+    assert reply.status_code == 201, reply.text
+    info = reply.json()
+    assert info["mode"] == "semi-pd" and info["replicas"] == 0
+    assert info["groups"] == [{"role": "colocated", "replicas": 0, "ready_replicas": 0}]
+    assert info["semi_pd"] == {"slo_ttft_ms": 300, "slo_tpot_ms": 50, "split": 40, "static": False}
+    assert client.get("/api/v1/deployments/semi").json()["semi_pd"] == info["semi_pd"]
+
+    for body, param, code in (
+        (
+            {"name": "a", "mode": "semi-pd", "slo_ttft_ms": 300},
+            "slo_tpot_ms",
+            "semi_pd_slo_required",
+        ),
+        (
+            {"name": "b", "slo_ttft_ms": 300, "slo_tpot_ms": 50},
+            "slo_ttft_ms",
+            "semi_pd_not_in_mode",
+        ),
+        ({"name": "c", "mode": "semi-pd", "slo_ttft_ms": 0, "slo_tpot_ms": 5}, "slo_ttft_ms", None),
+        ({"name": "d", "mode": "semi-pd", "semi_pd_split": 100, **slos}, "semi_pd_split", None),
+        ({"name": "e", "mode": "semi-pd", "prefill_replicas": 1, **slos}, "prefill_replicas", None),
+    ):
+        reply = create(**body)
+        assert reply.status_code == 400, (body, reply.text)
+        error = reply.json()["error"]  # OpenAI's shape
+        assert error["type"] == "invalid_request_error" and error["param"] == param, reply.text
+        assert error["code"] == (code or error["code"]) and error["message"]
+    assert [d["name"] for d in client.get("/api/v1/deployments").json()["data"]] == ["semi"]
+
+    def patch(name: str, **body: object) -> object:
+        return client.patch(f"/api/v1/deployments/{name}", json=body)
+
+    faster = patch("semi", slo_ttft_ms=200, semi_pd_static=True)
+    assert faster.status_code == 200, faster.text
+    assert faster.json()["semi_pd"] == {
+        "slo_ttft_ms": 200,
+        "slo_tpot_ms": 50,
+        "split": 40,
+        "static": True,
+    }
+    plain = create(name="plain", replicas=0).json()
+    assert plain["semi_pd"] is None
+    refused = patch("plain", slo_ttft_ms=200)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "semi_pd_not_in_mode"
+    assert patch("plain", mode="semi-pd", slo_ttft_ms=1).json()["error"]["param"] == "slo_tpot_ms"
+    to_semi = patch("plain", mode="semi-pd", **slos).json()
+    assert to_semi["mode"] == "semi-pd" and to_semi["semi_pd"]["slo_tpot_ms"] == 50
+    back = patch("semi", mode="colocated").json()
+    assert back["mode"] == "colocated" and back["semi_pd"] is None
+    scaling = client.get("/api/v1/deployments/semi/scaling").json()["data"]
+    assert [e["reason"] for e in scaling if e["kind"] == "manual"] == [
+        "semi-pd -> colocated",
+        "semi-PD settings changed by hand",
+    ]

@@ -108,3 +108,19 @@ def test_wait_for_change_is_counted_as_waiting_until_the_ready_set_changes() -> 
         assert not await registry.wait_for_change("unknown", 5.0)
 
     asyncio.run(scenario())
+
+
+def test_a_semi_pd_deployment_waits_and_routes_as_colocated() -> None:
+    async def scenario() -> None:
+        registry = Registry()
+        await registry.set_deployments({"s": "m"}, {"s": "semi-pd"})
+        waiter = asyncio.create_task(registry.acquire("s", timeout=5.0))
+        await asyncio.sleep(0.01)
+        assert registry.load_of("s", "colocated") == (0, 0, 1)  # counts toward its one group
+        await registry.set_ready([ReadyInstance("s1", "s", None, "http://s1", semi_pd=True)])
+        chosen = await waiter
+        assert chosen is not None and chosen.id == "s1"
+        assert registry.runs_semi_pd("s1") and not registry.runs_semi_pd("gone")
+        assert registry.ready_roles("s") == {"colocated"}
+
+    asyncio.run(scenario())

@@ -234,15 +234,12 @@ def test_groups_migration_keeps_existing_deployments_colocated(database_url: str
                 {"kind": kind},
             )
     command.upgrade(cfg, "df6ff830d4b1")
-    with database.sessions() as session:
-        row = store.get_deployment(session, "d")
-        assert (row.mode, row.replicas, row.prefill_replicas, row.decode_replicas) == (
-            "colocated",
-            2,
-            0,
-            0,
-        )
-        roles = session.scalars(select(t.ScalingEvent.role).order_by(t.ScalingEvent.id)).all()
+    with database.engine.connect() as conn:  # SQL of that revision: the tables have moved on
+        row = conn.execute(
+            text("SELECT mode, replicas, prefill_replicas, decode_replicas FROM deployments")
+        ).one()
+        assert tuple(row) == ("colocated", 2, 0, 0)
+        roles = conn.scalars(text("SELECT role FROM scaling_events ORDER BY id")).all()
         assert roles == ["colocated", None]
     command.downgrade(cfg, "5c2e9a7d41b3")
     columns = {c["name"] for c in inspect(database.engine).get_columns("deployments")}
@@ -298,3 +295,95 @@ def test_deployment_groups_and_their_ready_counts(db: Database) -> None:
         ("prefill", 1, 3),
     ]
     assert all(e.reason == "auto -> disaggregated" for e in events)
+
+
+def test_semi_pd_migration_leaves_existing_deployments_without_settings(database_url: str) -> None:
+    database = Database(database_url)
+    cfg = alembic_config(database.engine)
+    command.upgrade(cfg, "1e1595e9e784")
+    with database.engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO models (name, path, source, created_at) VALUES ('m', '/m', 'x', 1)")
+        )
+        conn.execute(
+            text(
+                "INSERT INTO deployments (name, model, replicas, config, created_at, updated_at) "
+                "VALUES ('d', 'm', 2, '{}', 1, 1)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO instances (id, deployment, model, role, state, created_at, "
+                "updated_at) VALUES ('i', 'd', 'm', 'colocated', 'ready', 1, 1)"
+            )
+        )
+    command.upgrade(cfg, "4c75c18aaccf")
+    with database.engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT slo_ttft_ms, slo_tpot_ms, semi_pd_split, semi_pd_static FROM deployments")
+        ).one()
+        assert tuple(row) == (None, None, None, False)
+        assert conn.scalars(text("SELECT semi_pd FROM instances")).all() == [None]
+    command.downgrade(cfg, "1e1595e9e784")
+    columns = {c["name"] for c in inspect(database.engine).get_columns("deployments")}
+    assert "slo_ttft_ms" not in columns and "mode" in columns
+    assert "semi_pd" not in {c["name"] for c in inspect(database.engine).get_columns("instances")}
+    database.dispose()
+
+
+def test_semi_pd_deployments_and_instances_keep_their_settings(db: Database) -> None:
+    config = wire.SemiPDConfig(slo_ttft_ms=300.5, slo_tpot_ms=40, split=30, static=True)
+
+    def setup(s) -> None:
+        store.add_model(s, t.Model(name="m", path="/x", source="import", created_at=1.0))
+        spec = wire.DeploymentCreate(
+            name="d",
+            model="m",
+            mode="semi-pd",
+            replicas=2,
+            slo_ttft_ms=300.5,
+            slo_tpot_ms=40,
+            semi_pd_split=30,
+            semi_pd_static=True,
+        )
+        store.add_deployment(s, spec, 1.0)
+        for iid, semi_pd in (("s1", config.model_dump(mode="json")), ("c1", None)):
+            s.add(
+                t.Instance(
+                    id=iid,
+                    deployment="d",
+                    model="m",
+                    role="colocated",
+                    semi_pd=semi_pd,
+                    state="ready",
+                    created_at=1.0,
+                    updated_at=1.0,
+                )
+            )
+
+    db.call(setup)
+    info = db.call(lambda s: store.deployment_info(s, store.get_deployment(s, "d")))
+    assert info.mode == "semi-pd" and info.semi_pd == config
+    assert (info.replicas, info.ready_replicas) == (2, 2)
+    assert {i.id: i.semi_pd for i in info.instances} == {"s1": config, "c1": None}
+    assert db.call(lambda s: scaling_store.scaling_spec(store.get_deployment(s, "d"))).semi_pd == (
+        config
+    )
+
+    db.call(lambda s: store.update_deployment(s, "d", wire.DeploymentUpdate(slo_tpot_ms=25), 2.0))
+    info = db.call(lambda s: store.deployment_info(s, store.get_deployment(s, "d")))
+    assert info.semi_pd == config.model_copy(update={"slo_tpot_ms": 25})
+    db.call(lambda s: store.update_deployment(s, "d", wire.DeploymentUpdate(mode="auto"), 3.0))
+    row = db.call(lambda s: store.get_deployment(s, "d"))
+    assert (row.mode, row.slo_ttft_ms, row.semi_pd_split, row.semi_pd_static) == (
+        "auto",
+        None,
+        None,
+        False,
+    )
+    events = db.call(lambda s: scaling_store.list_events(s, "d", limit=10))
+    assert [(e.role, e.reason) for e in events] == [  # newest first
+        ("decode", "semi-pd -> auto"),  # the groups auto adds
+        ("prefill", "semi-pd -> auto"),
+        (None, "semi-PD settings changed by hand"),
+    ]

@@ -88,3 +88,30 @@ def test_the_role_reaches_flowserve_on_every_path() -> None:
     assert parse_args(command.flowserve_argv()).role == "prefill"
     with pytest.raises(InvalidStart):
         engine_flags({"role": "decode"})  # set by the agent from the start request
+
+
+def test_semi_pd_reaches_flowserve_on_every_path() -> None:
+    from controlplane.wire import InstanceStart, SemiPDConfig
+    from dataplane.flowserve.__main__ import engine_config, parse_args
+    from dataplane.scaleout.protocol import StartCommand
+
+    config = SemiPDConfig(slo_ttft_ms=250.5, slo_tpot_ms=40, split=30, static=True)
+    start = make_start("inst-s", "qwen").model_copy(update={"semi_pd": config})
+    start = InstanceStart.model_validate_json(start.model_dump_json())  # over the wire
+    assert start.semi_pd == config
+    cold = parse_args(flowserve_command(start, 9000)[3:])
+    command = StartCommand.of(start, 9000, host="127.0.0.1", log_path="/l", requested_at=1.0)
+    assert StartCommand.from_json(command.to_json()) == command  # warm pods and zygotes
+    in_process = parse_args(command.flowserve_argv())
+    for args in (cold, in_process):
+        assert (args.semi_pd, args.slo_ttft_ms, args.slo_tpot_ms) == (True, 250.5, 40.0)
+        assert (args.semi_pd_split, args.semi_pd_static, args.role) == (30, True, "colocated")
+        assert engine_config(args).semi_pd
+    dynamic = start.model_copy(update={"semi_pd": SemiPDConfig(slo_ttft_ms=1, slo_tpot_ms=2)})
+    args = parse_args(flowserve_command(dynamic, 9000)[3:])
+    assert (args.semi_pd_split, args.semi_pd_static) == (50, False)  # FlowServe's defaults
+    plain = flowserve_command(make_start("inst-c", "qwen"), 9000)
+    assert not any(flag.startswith("--semi-pd") or flag.startswith("--slo") for flag in plain)
+    for reserved in ("semi_pd", "slo_ttft_ms", "semi_pd_split"):
+        with pytest.raises(InvalidStart):
+            engine_flags({reserved: 1})  # set by the agent from the start request

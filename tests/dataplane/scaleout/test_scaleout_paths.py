@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from controlplane.wire import InstanceStart
+from controlplane.wire import InstanceStart, SemiPDConfig
 from dataplane.agent.process import free_port
 from dataplane.flowserve import weights_cache as wc
 from dataplane.flowserve.config import EngineConfig
@@ -59,12 +59,15 @@ def node(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
             assert_gone(pid)
 
 
-def launch(node: Node, path: LaunchPath, instance_id: str) -> InstanceHandle:
+def launch(
+    node: Node, path: LaunchPath, instance_id: str, semi_pd: SemiPDConfig | None = None
+) -> InstanceHandle:
     spec = InstanceStart(
         instance_id=instance_id,
         model="tiny",
         model_path=str(node.model),
         engine_args=ENGINE_ARGS,
+        semi_pd=semi_pd,
     )
     handle = node.launcher.launch(spec, free_port(), paths=(path,))
     assert handle.path == path, handle.fallbacks
@@ -165,6 +168,26 @@ def test_a_warm_pod_is_replaced_after_it_is_taken(node: Node) -> None:
         handle.wait_ready(120)
     finally:
         handle.stop(grace_s=10)
+    assert_gone(handle.pid)
+
+
+@pytest.mark.parametrize("path", ["fork", "warm_pod", "cold"])
+def test_each_path_serves_semi_pd(node: Node, path: LaunchPath) -> None:
+    """A semi-pd deployment's instance runs FlowServe's semi-PD engine whichever path starts it
+    (the in-process paths build the engine as the cold one does), with the same greedy tokens."""
+    if path == "warm_pod":
+        assert node.pool.wait_full(120)
+    config = SemiPDConfig(slo_ttft_ms=400, slo_tpot_ms=80, split=30)
+    handle = launch(node, path, f"semi-{path}", config)
+    try:
+        handle.wait_ready(120)
+        assert generate(handle.url) == expected_tokens(node.model)
+        report = httpx.get(f"{handle.url}/semipd", timeout=10).json()
+        assert (report["slo_ttft_s"], report["slo_tpot_s"]) == (0.4, 0.08)
+        assert report["static"] is False and report["prefill_share"] == 30
+    finally:
+        code = handle.stop(grace_s=10)
+    assert code == 0
     assert_gone(handle.pid)
 
 
