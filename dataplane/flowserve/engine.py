@@ -67,13 +67,16 @@ from dataplane.flowserve.weights_cache import ready_weights
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StepOutput:
     """What one step did to one sequence. An abort carries no token.
 
     PD disaggregation: a prefill-only sequence's output (its one token) carries `kv`, its
     prompt's K/V; an imported sequence's first output (the token that came with its K/V) carries
-    `kv_import_s`, the seconds spent writing the K/V into its blocks."""
+    `kv_import_s`, the seconds spent writing the K/V into its blocks.
+
+    A message, yet not frozen: a frozen dataclass's `__init__` costs ~1.2 us against ~0.25 us,
+    and a step makes one per running sequence. Nothing changes one once made."""
 
     request_id: str
     new_token_id: int | None
