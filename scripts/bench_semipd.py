@@ -30,6 +30,7 @@ import json
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-prompt", type=int, default=1024)
     p.add_argument("--max-out", type=int, default=256)
     p.add_argument("--stop-below", type=float, default=0.5)
+    p.add_argument("--warmup-requests", type=int, default=120)
+    p.add_argument("--warmup-rate", type=float, default=40.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--json", type=Path, help="write the result here (after every point)")
@@ -82,6 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.device = "cpu"
         args.rates, args.duration, args.min_requests, args.max_requests = "4,16", 1.0, 6, 16
         args.max_prompt, args.max_out, args.max_num_seqs, args.chunk = 64, 16, 16, 256
+        args.warmup_requests, args.warmup_rate = 6, 8.0
     if args.from_json is None and args.model is None and args.preset is None:
         p.error("pass --model PATH or --preset NAME")
     unknown = set(args.systems.split(",")) - set(SYSTEMS)
@@ -171,7 +175,17 @@ def run_point(
     traces = list(system.traces.values())
     last = max((t.token_times[-1] for t in traces if t.token_times), default=t0)
     point = rate_point(rate, traces, slo[0], slo[1], last - t0)
-    return {**asdict(point), "timed_out": not all(t.done for t in traces), **system.describe()}
+    timed_out = not all(t.done for t in traces)
+    extra: dict[str, Any] = {}
+    if timed_out:
+        stuck = [t for t in traces if not t.done]
+        extra["stuck"] = {
+            "num": len(stuck),
+            "by_tokens_received": dict(Counter(min(len(t.token_times), 2) for t in stuck)),
+            "sample": [(len(t.token_times), t.max_tokens) for t in stuck[:8]],
+            **system.diagnose(),
+        }
+    return {**asdict(point), "timed_out": timed_out, **system.describe(), **extra}
 
 
 def bench(args: argparse.Namespace, model: str) -> dict[str, Any]:
@@ -181,7 +195,7 @@ def bench(args: argparse.Namespace, model: str) -> dict[str, Any]:
     ]
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
     items = make_workload(
-        sum(sizes) + 8,
+        sum(sizes) + 8 + args.warmup_requests,
         args.seed,
         vocab,
         avoid_token_ids=range(3),
@@ -189,7 +203,9 @@ def bench(args: argparse.Namespace, model: str) -> dict[str, Any]:
         max_out=args.max_out,
         system_prompt_len=min(128, args.max_prompt // 2),
     )
-    calibration, pool = items[:8], items[8:]
+    calibration = items[:8]
+    warmup = items[8 : 8 + args.warmup_requests]
+    pool = items[8 + args.warmup_requests :]
     batches, start = [], 0
     for n in sizes:
         batches.append(pool[start : start + n])
@@ -224,7 +240,8 @@ def bench(args: argparse.Namespace, model: str) -> dict[str, Any]:
         points: list[dict[str, Any]] = []
         result["systems"][name] = {"points": points, "build_s": time.perf_counter() - built}
         try:
-            run_point(system, calibration[:4], 4.0, args.seed, slo)  # warm-up
+            # Warm-up, discarded: every kernel and graph shape the points will meet.
+            run_point(system, warmup, args.warmup_rate, args.seed + 99, slo)
             for i, (rate, batch) in enumerate(zip(rates, batches, strict=True)):
                 point = run_point(system, batch, rate, args.seed + i, slo)
                 points.append(point)

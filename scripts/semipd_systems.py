@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dataplane.flowserve.engine import Engine, StepOutput
-from dataplane.flowserve.platform import ComputePartition
+from dataplane.flowserve.platform import ComputePartition, GreenPartition
 from dataplane.flowserve.sampling_params import SamplingParams
 from dataplane.flowserve.semipd.split import split_units
 
@@ -148,6 +148,10 @@ class System:
     def describe(self) -> dict[str, Any]:
         return {}
 
+    def diagnose(self) -> dict[str, Any]:
+        """What the engines hold (for a point that timed out)."""
+        return {}
+
     def _trace(self, request_id: str, max_tokens: int) -> None:
         with self._lock:
             self.traces[request_id] = Trace(time.perf_counter(), max_tokens)
@@ -156,6 +160,16 @@ class System:
         trace = self.traces[request_id]
         trace.token_times.append(now)
         trace.token_ids.append(token_id)
+
+
+def engine_state(engine: Engine) -> dict[str, Any]:
+    stats = engine.stats()
+    return {
+        "running": stats.num_requests_running,
+        "waiting": stats.num_requests_waiting,
+        "kv_cache_usage": stats.kv_cache_usage_perc,
+        "unfinished": engine.has_unfinished(),
+    }
 
 
 def greedy(max_tokens: int) -> SamplingParams:
@@ -181,6 +195,9 @@ class SingleEngine(System):
 
     def errors(self) -> list[BaseException]:
         return [self.loop.error] if self.loop.error is not None else []
+
+    def diagnose(self) -> dict[str, Any]:
+        return {"engine": engine_state(self.engine)}
 
     def describe(self) -> dict[str, Any]:
         report = getattr(self.engine, "report", None)
@@ -215,7 +232,10 @@ class Disaggregated(System):
         )
         self.split = split
         parts = platform.compute_partitions([split.prefill_units, split.decode_units])
+        # The K/V are allocated on the prefill side's stream and read on the decode side's.
+        self._decode_stream = parts[1].stream if isinstance(parts[1], GreenPartition) else None
         self._params: dict[str, tuple[list[int], int]] = {}
+        self.num_handed_over = 0
         self.prefill = EngineLoop(prefill, self._prefilled, parts[0])
         self.decode = EngineLoop(decode, self._decoded, parts[1])
 
@@ -232,6 +252,9 @@ class Disaggregated(System):
         if max_tokens > 1:
             if out.kv is None:
                 raise RuntimeError(f"prefill of {out.request_id} exported no K/V")
+            if self._decode_stream is not None:
+                out.kv.kv.record_stream(self._decode_stream)
+            self.num_handed_over += 1
             self.decode.post(out.request_id, prompt, greedy(max_tokens), imported=out.kv)
 
     def _decoded(self, out: StepOutput, now: float) -> None:
@@ -244,6 +267,14 @@ class Disaggregated(System):
 
     def describe(self) -> dict[str, Any]:
         return {"prefill_units": self.split.prefill_units, "decode_units": self.split.decode_units}
+
+    def diagnose(self) -> dict[str, Any]:
+        return {
+            "prefill": engine_state(self.prefill.engine),
+            "decode": engine_state(self.decode.engine),
+            "handed_over": self.num_handed_over,
+            "awaiting_prefill": len(self._params),
+        }
 
     def close(self) -> None:
         self.prefill.stop()

@@ -278,6 +278,10 @@ class KVStore:
             return False
         if held.stored.path is not None:
             held.stored.path.unlink(missing_ok=True)
+        shared = held.stored.transport == "cuda_ipc"
+        del held  # the last reference to its K/V
+        if shared:
+            collect_shared_buffers()
         return True
 
     def expire(self) -> list[StoredTransfer]:
@@ -485,3 +489,11 @@ async def _read_stream(handle: KVHandle, client: httpx.AsyncClient, limit: int) 
     except httpx.HTTPError as exc:
         raise KVTransferError(f"cannot fetch {handle.location}: {exc}") from exc
     return data
+
+
+def collect_shared_buffers() -> None:
+    """Free dropped cuda_ipc K/V now: PyTorch keeps a buffer it has shared with another
+    process alive until that process has closed its handle and the producer collects
+    (`torch.cuda.ipc_collect`), which it otherwise does only now and then."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.ipc_collect()

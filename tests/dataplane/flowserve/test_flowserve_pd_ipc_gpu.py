@@ -8,6 +8,7 @@ expired, or when refused to a peer that cannot map it."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -214,7 +215,8 @@ def kv_bytes(engine: Engine, num_tokens: int) -> int:
 def freed(before: int, num_bytes: int, timeout_s: float = 5.0) -> bool:
     """This process's device memory fell by `num_bytes` from `before` (within the timeout)."""
     deadline = time.monotonic() + timeout_s
-    while torch.cuda.memory_allocated() > before - num_bytes:
+    # Garbage (reference cycles) is not a live reference: collect it before reading.
+    while gc.collect() >= 0 and torch.cuda.memory_allocated() > before - num_bytes:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
