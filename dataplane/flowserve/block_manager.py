@@ -16,6 +16,10 @@ entirely cached and a multiple of `block_size` long, its last block is recompute
 (at most `block_size` tokens of work) rather than shared and written, which would need a copy.
 Copy-on-write therefore only happens after `fork`, to the shared partial last block.
 
+A sequence's `block_table` list only ever grows in place (`append_slots`); every other change
+(allocation, copy-on-write, free) gives it a new list, so that a list's identity and length tell
+whether it changed (the runner keeps the decode batch's tables on that basis: BlockTableRows).
+
 Every public method takes `lock` (re-entrant). Check/act pairs (`can_allocate`/`allocate`,
 `can_append`/`append_slots`) are atomic against another worker sharing the pool only when the
 caller holds `lock` around both, as `Scheduler.schedule` does.
@@ -132,6 +136,10 @@ class BlockManager:
             if len(shared) + fresh > len(self._free) + len(self._evictable):
                 raise RuntimeError("out of KV cache blocks: check can_append first")
             copies = []
+            if shared:
+                # A new list: a table's list otherwise only grows, which is how the runner's
+                # BlockTableRows tells what changed in it.
+                seq.block_table = list(seq.block_table)
             for index in shared:
                 src = seq.block_table[index]
                 dst = self._take_fresh()

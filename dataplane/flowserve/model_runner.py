@@ -28,7 +28,7 @@ import torch
 from dataplane.flowserve.attention import AttentionMetadata, KVCache
 from dataplane.flowserve.kv_cache import allocate_kv_cache
 from dataplane.flowserve.models import LlamaForCausalLM, ModelConfig
-from dataplane.flowserve.paged_metadata import StagingBuffers, StepInputs
+from dataplane.flowserve.paged_metadata import BlockTableRows, StagingBuffers, StepInputs
 from dataplane.flowserve.platform import Platform
 from dataplane.flowserve.prompt_kv import KVLayout, gather_kv, scatter_kv, token_slots
 from dataplane.flowserve.scheduler import ScheduledBatch
@@ -160,6 +160,7 @@ class ModelRunner:
         self._graph_width = -(-max_model_len // block_size)  # block table columns in graphs
         self._pending: PendingTokens | None = None  # for the step being prepared
         self._staging = StagingBuffers(platform)  # the kernel path's inputs go through these
+        self._decode_rows: BlockTableRows | None = None  # the decode graphs' block tables
 
     def sibling(self) -> ModelRunner:
         """Another runner over the same weights and KV cache, with per-step state of its own
@@ -324,6 +325,9 @@ class ModelRunner:
         input_ids.index_copy_(0, rows, self._pending.tokens.index_select(0, sources))
 
     def _pad_decode(self, host: _HostBatch, size: int, width: int) -> StepInputs:
+        rows = self._decode_rows
+        if rows is None or rows.width != width or rows.pad_block != self.num_blocks:
+            rows = self._decode_rows = BlockTableRows(width, self.num_blocks)
         return StepInputs.build(
             token_ids=host.token_ids,
             query_lens=host.query_lens,
@@ -333,6 +337,7 @@ class ModelRunner:
             width=width,
             pad_to=size,
             pad_block=self.num_blocks,  # the scratch block
+            table_rows=rows,
         )
 
     def _decode_forward(self, inputs: StepInputs, static: torch.Tensor) -> torch.Tensor:
