@@ -12,9 +12,10 @@ copy, no conversion). The bytes cross by one of:
     pageable  one plain copy from the mapping; the driver stages it itself (the baseline)
 
 `staged` is the default: on an H100 (PCIe 5 x16, 51-55 GB/s from pinned memory) it moved a
-2.3 GiB entry at 18-22 GB/s (median), `register` at 15-16 GB/s, of which 60-70% was the
-registration itself (pinning 600 K pages: about 0.1 s, and no faster when split over threads),
-the DMA after it near the link's speed; pageable 7-8 GB/s (docs/benchmarks/scaling-gpu.md).
+2.3 GiB entry at 31-36 GB/s (median) once its pinned ring was made ahead (18-22 GB/s when each
+upload pinned its own), `register` at 15-19 GB/s, of which 55-70% was the registration itself
+(pinning 600 K pages: 0.07-0.1 s, no faster when split over threads), the DMA after it at
+~43 GB/s; pageable 7-10 GB/s (docs/benchmarks/scaling-gpu.md).
 `$DEEPFLOW_UPLOAD_METHOD` overrides the default.
 """
 
@@ -35,9 +36,10 @@ METHODS: tuple[UploadMethod, ...] = ("staged", "register", "pageable")
 METHOD_ENV = "DEEPFLOW_UPLOAD_METHOD"
 CHUNK_BYTES = 64 << 20
 NUM_STAGING_BUFFERS = 3
-# Threads that fill a staging buffer from the mapping, each a slice: one thread's memcpy from
-# the mapping is slower than the link.
-FILL_THREADS = min(8, os.cpu_count() or 1)
+# Threads that fill a staging buffer from the mapping, each a slice. One: on an H100 host
+# (16 cores) eight threads filled slower than one (31 vs 36 GB/s for the whole upload), the
+# host's memory traffic (read the mapping, write the ring, the DMA reading it) being the bound.
+FILL_THREADS = 1
 # cudaHostRegisterPortable | cudaHostRegisterReadOnly: the mapping is PROT_READ.
 _REGISTER_FLAGS = 0x01 | 0x08
 
