@@ -402,10 +402,10 @@ class Engine:
         if flight.event is not None:
             flight.event.synchronize()
         outputs = []
-        record, finished = self._scheduler.record, SequenceStatus.FINISHED
-        finish_reason = self._finish_reason
-        for seq, token_id in zip(flight.sampling, flight.host_tokens.tolist(), strict=True):
-            record(seq, token_id)
+        token_ids = flight.host_tokens.tolist()
+        self._scheduler.record(flight.sampling, token_ids)
+        finished, finish_reason = SequenceStatus.FINISHED, self._finish_reason
+        for seq, token_id in zip(flight.sampling, token_ids, strict=True):
             if seq.status is finished:
                 continue  # aborted meanwhile: its abort is reported instead
             reason = finish_reason(seq, token_id)
@@ -488,13 +488,16 @@ class Engine:
         self._host_sampled.discard(seq)
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
-        if not seq.params.ignore_eos and token_id in self.eos_token_ids:
-            return "stop"
-        if token_id in seq.params.stop_token_ids:
+        params = seq.params
+        if token_id in params.stop_token_ids or (
+            not params.ignore_eos and token_id in self.eos_token_ids
+        ):
             return "stop"
         num_output = len(seq.output_token_ids)
-        num_tokens = len(seq.prompt_token_ids) + num_output + seq.num_pending_tokens
-        if num_output >= seq.max_tokens or num_tokens >= self.max_model_len:
+        if (
+            num_output >= seq.max_tokens
+            or len(seq.prompt_token_ids) + num_output + seq.num_pending_tokens >= self.max_model_len
+        ):
             return "length"
         return None
 

@@ -211,7 +211,7 @@ class Scheduler:
     def advance(self, batch: ScheduledBatch) -> None:
         """Async scheduling, at launch: each scheduled chunk counts as computed (the device runs
         it before anything scheduled later), and each sampling sequence has one more pending
-        token, so the next `schedule()` can already decode it. `record` lands the token."""
+        token, so the next `schedule()` can already decode it. `record` lands the tokens."""
         manager = self.block_manager
         size = manager.block_size
         with manager.lock:
@@ -225,19 +225,24 @@ class Scheduler:
                 if min(end, known) // size > item.start // size:  # a block may have filled
                     manager.seal_full_blocks(seq)
 
-    def record(self, seq: Sequence, token_id: int) -> None:
-        """Async scheduling, once read: `seq`'s oldest pending token is `token_id`. Finished
-        (aborted) sequences drop it; preempted ones keep it for their recompute."""
-        seq.num_pending_tokens -= 1
-        if seq.status is SequenceStatus.FINISHED:
-            return
-        seq.output_token_ids.append(token_id)
+    def record(self, seqs: Seq[Sequence], token_ids: Seq[int]) -> None:
+        """Async scheduling, once read: each sequence's oldest pending token is its token in
+        `token_ids`. Finished (aborted) sequences drop it; preempted ones keep it for their
+        recompute. One call per landed batch: it runs for every sequence every step."""
         manager = self.block_manager
-        # Only a token that completes a block can make one sealable.
-        known = len(seq.prompt_token_ids) + len(seq.output_token_ids)
-        if seq.status is SequenceStatus.RUNNING and known % manager.block_size == 0:
-            with manager.lock:
-                manager.seal_full_blocks(seq)
+        size = manager.block_size
+        finished, running = SequenceStatus.FINISHED, SequenceStatus.RUNNING
+        for seq, token_id in zip(seqs, token_ids, strict=True):
+            seq.num_pending_tokens -= 1
+            status = seq.status
+            if status is finished:
+                continue
+            output = seq.output_token_ids
+            output.append(token_id)
+            # Only a token that completes a block can make one sealable.
+            if status is running and (len(seq.prompt_token_ids) + len(output)) % size == 0:
+                with manager.lock:
+                    manager.seal_full_blocks(seq)
 
     # --- internals -------------------------------------------------------------------------------
 
