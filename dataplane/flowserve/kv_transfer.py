@@ -495,5 +495,5 @@ def collect_shared_buffers() -> None:
     """Free dropped cuda_ipc K/V now: PyTorch keeps a buffer it has shared with another
     process alive until that process has closed its handle and the producer collects
     (`torch.cuda.ipc_collect`), which it otherwise does only now and then."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.ipc_collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        torch.cuda.ipc_collect()  # type: ignore[no-untyped-call]
