@@ -78,7 +78,9 @@ class GenerateRequest(Strict):
     which imports the handle's K/V instead of computing the prompt, streams the first token
     (sampled by the prefill instance) and continues from it. Its prompt must tokenize to the
     handle's `num_tokens`, else the instance answers 409 `kv_mismatch`; K/V it cannot fetch is a
-    409 `kv_transfer_failed` (the control plane then recomputes)."""
+    409 `kv_transfer_failed` (the control plane then recomputes). `generated_token_ids`
+    resumes a decode whose instance died mid-stream: the tokens the client already has follow
+    the prompt's and are computed with them, and the instance generates what comes next."""
 
     request_id: str = Field(min_length=1)
     messages: list[ChatMessage] | None = None
@@ -88,6 +90,7 @@ class GenerateRequest(Strict):
     echo: bool = False
     prefill_only: PrefillOnly | None = None
     kv_source: KVHandle | None = None
+    generated_token_ids: list[int] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
@@ -96,8 +99,11 @@ class GenerateRequest(Strict):
             raise ValueError("exactly one of messages, prompt or prompt_token_ids is required")
         if self.prefill_only is not None and self.kv_source is not None:
             raise ValueError("prefill_only and kv_source cannot be given together")
-        if (self.prefill_only or self.kv_source) and (self.sampling.n != 1 or self.echo):
+        pd = self.prefill_only or self.kv_source or self.generated_token_ids
+        if pd and (self.sampling.n != 1 or self.echo):
             raise ValueError("a disaggregated request takes n=1 and no echo")
+        if self.generated_token_ids and (self.prefill_only or self.kv_source):
+            raise ValueError("a resumed request (generated_token_ids) computes its whole prompt")
         return self
 
 

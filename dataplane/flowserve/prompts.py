@@ -17,7 +17,9 @@ class Prompt:
 
 def build_prompt(tokenizer: Any, request: GenerateRequest, vocab_size: int) -> Prompt:
     """`messages` go through the chat template (with the generation prompt), `prompt` through the
-    tokenizer with its default special tokens; `prompt_token_ids` are checked against the vocab."""
+    tokenizer with its default special tokens; `prompt_token_ids` are checked against the vocab.
+    A resumed decode's `generated_token_ids` follow the prompt's tokens (`text` stays the
+    prompt's)."""
     text: str | None
     if request.messages is not None:
         if not getattr(tokenizer, "chat_template", None):
@@ -34,14 +36,19 @@ def build_prompt(tokenizer: Any, request: GenerateRequest, vocab_size: int) -> P
         text = request.prompt
         ids = list(tokenizer(text)["input_ids"])
     else:
-        ids = list(request.prompt_token_ids or [])
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise InvalidRequest(
-                f"token id {bad[0]} is out of the vocabulary [0, {vocab_size})",
-                param="prompt_token_ids",
-            )
+        ids = _in_vocab(list(request.prompt_token_ids or []), vocab_size, "prompt_token_ids")
         text = tokenizer.decode(ids) if request.echo else None
     if not ids:
         raise InvalidRequest("the prompt is empty", param="prompt")
+    if request.generated_token_ids:  # a resumed decode: computed as part of the prompt
+        ids += _in_vocab(request.generated_token_ids, vocab_size, "generated_token_ids")
     return Prompt(ids, text)
+
+
+def _in_vocab(ids: list[int], vocab_size: int, param: str) -> list[int]:
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequest(
+            f"token id {bad[0]} is out of the vocabulary [0, {vocab_size})", param=param
+        )
+    return ids
