@@ -154,7 +154,7 @@ class OpenAIRoutes:
     async def _serve(
         self, request: Request, spec: ChatSpec, body: wire.SamplingFields, *, chat: bool
     ) -> Response:
-        run = await self.executor.start(spec)
+        run = await _start_until_disconnect(request, self.executor, spec)
         model = body.model
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -275,6 +275,31 @@ async def _stream(
         )
     finally:
         await run.close()
+
+
+async def _start_until_disconnect(
+    request: Request, executor: ChatExecutor, spec: ChatSpec
+) -> ChatRun:
+    """Start the request, cancelling it if the client goes away meanwhile: a PD request's
+    prefill task runs before any reply, and a cancel aborts it on its instance."""
+    start = asyncio.ensure_future(executor.start(spec))
+    gone = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({start, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if start.done():
+            return start.result()
+        start.cancel()
+        try:
+            run = await start
+        except asyncio.CancelledError:
+            pass
+        else:  # it had just started after all
+            await run.close()
+        raise asyncio.CancelledError("client disconnected")
+    finally:
+        gone.cancel()
+        if not start.done():
+            start.cancel()
 
 
 async def _until_disconnect(

@@ -371,6 +371,9 @@ class ChatExecutor:
                 last_error = exc.message
                 log.warning(last_error)
                 continue
+            except BaseException:  # the client went away during the prefill
+                self.registry.release(decision.decode.id)
+                raise
             return await self._decode(spec, attempt, decision, handle, tried)
         raise Unavailable(
             f"deployment {spec.deployment!r} has no ready instance ({last_error}); retry later",
