@@ -6,7 +6,8 @@ disaggregated pair (docs/pd.md).
 task(s) over HTTP and returns a `ChatRun` streaming from the colocated or decode instance; the API
 edge iterates `ChatRun.events()` and always calls `ChatRun.close()`, which settles every record
 that is still in flight (a client that went away cancels, an instance that failed fails) and
-releases the instance.
+releases the instance. A decode instance that dies mid-stream is replaced under the same run
+(`ChatExecutor.resume`, jobs/pd_resume.py).
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ from controlplane.jobs.pd import (
     run_prefill,
     sched_request,
 )
+from controlplane.jobs.pd_resume import (
+    DecodeProgress,
+    completed_done,
+    resumed_request,
+    whole_done,
+)
 from controlplane.reconcile.groups import SEMI_PD, pd_scheduled
 from controlplane.registry import Registry
 from controlplane.routing.dist_sched import (
@@ -51,7 +58,7 @@ from controlplane.routing.dist_sched import (
     schedule,
 )
 from controlplane.routing.pd_heatmap import Mode
-from controlplane.routing.policy import InstanceLoad
+from controlplane.routing.policy import InstanceLoad, pick_instance
 from controlplane.states import JobKind, JobState, RequestKind, RequestState, TaskKind, TaskState
 
 log = logging.getLogger(__name__)
@@ -88,36 +95,47 @@ class ChatRun:
     usage: wire.GenerateDone | None = None
     completion_tokens: int = 0
     closed: bool = field(default=False)
+    # A decode task's run: what the client has, for a resumed task to go on from.
+    progress: DecodeProgress | None = None
+    held: bool = True  # `instance` is claimed for this run (released once, on close or loss)
 
     @property
     def id(self) -> str:
         return self.request.id
 
     async def events(self) -> AsyncIterator[wire.GenerateDelta | wire.GenerateDone]:
-        """Relay the instance's events. Raises UpstreamFailed if the instance fails or vanishes."""
+        """Relay the instance's events. Raises UpstreamFailed if the instance fails or vanishes
+        and its task cannot be resumed on another (`ChatExecutor.resume`)."""
         rec = self.executor.recorder
-        try:
-            async for line in self.response.aiter_lines():
-                if not line.strip():
-                    continue
-                event = _EVENT.validate_json(line)
-                if isinstance(event, wire.GenerateError):
-                    raise UpstreamFailed(event.message, code=event.code or "instance_error")
-                if isinstance(event, wire.GenerateDelta):
-                    rec.move(self.task, TaskState.RUNNING, "first output")
-                    self.completion_tokens += len(event.token_ids)
-                else:
-                    self.usage = event
-                yield event
-        except (httpx.HTTPError, ValidationError) as exc:
-            raise UpstreamFailed(
-                f"instance {self.instance.id} failed mid-request: {exc.__class__.__name__}",
-                code="instance_failed",
-            ) from exc
-        if self.usage is None:
-            raise UpstreamFailed(
-                f"instance {self.instance.id} ended the stream early", code="instance_failed"
-            )
+        while self.usage is None:
+            lost: InstanceLost | None = None
+            try:
+                async for line in self.response.aiter_lines():
+                    if not line.strip():
+                        continue
+                    event = _EVENT.validate_json(line)
+                    if isinstance(event, wire.GenerateError):
+                        raise UpstreamFailed(event.message, code=event.code or "instance_error")
+                    if isinstance(event, wire.GenerateDelta):
+                        rec.move(self.task, TaskState.RUNNING, "first output")
+                        self.completion_tokens += len(event.token_ids)
+                        if self.progress is not None:
+                            self.progress.add(event)
+                    else:
+                        event = self.usage = (
+                            event if self.progress is None else whole_done(event, self.progress)
+                        )
+                    yield event
+            except (httpx.HTTPError, ValidationError) as exc:
+                lost = InstanceLost(
+                    f"instance {self.instance.id} failed mid-request: {exc.__class__.__name__}"
+                )
+                lost.__cause__ = exc
+            if self.usage is not None:
+                break
+            lost = lost or InstanceLost(f"instance {self.instance.id} ended the stream early")
+            if not await self.executor.resume(self, lost):
+                raise lost
         self._settle(RequestState.SUCCEEDED, "completed", None)
 
     def fail(self, error: str) -> None:
@@ -128,10 +146,16 @@ class ChatRun:
         self._settle(RequestState.CANCELLED, "client disconnected", None)
         if not self.closed:
             self.closed = True
-            self.executor.registry.release(self.instance.id)
             self.executor.registry.inflight_requests -= 1
-            # Closing the stream drops the connection, which aborts the request on the instance.
-            await self.response.aclose()
+            await self.let_go()
+
+    async def let_go(self) -> None:
+        """Release the instance and close its stream. Closing drops the connection, which
+        aborts the request on the instance."""
+        if self.held:
+            self.held = False
+            self.executor.registry.release(self.instance.id)
+        await self.response.aclose()
 
     def _settle(self, outcome: RequestState, reason: str, error: str | None) -> None:
         if self.request.terminal:
@@ -148,7 +172,8 @@ class ChatRun:
         transfer = (
             {} if kv is None else kv_fields(kv.transport, kv.num_bytes, kv.fetch_s + kv.import_s)
         )
-        rec.move(self.task, task_state, reason, finished_at=now, error=error, **transfer)
+        if not self.task.terminal:  # a resumed decode's last task may have failed after the end
+            rec.move(self.task, task_state, reason, finished_at=now, error=error, **transfer)
         rec.move(self.job, job_state, reason, finished_at=now, error=error)
         prompt_tokens = self.usage.prompt_tokens if self.usage else None
         rec.move(
@@ -164,6 +189,13 @@ class ChatRun:
 
 class KVUnusable(Exception):
     """The decode instance could not take the prefill's K/V (fetch failed, or a mismatch)."""
+
+
+class InstanceLost(UpstreamFailed):
+    """The instance's stream broke off or ended before its done event: it died or vanished."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="instance_failed")
 
 
 def kv_fields(transport: str, num_bytes: int, seconds: float) -> dict[str, object]:
@@ -291,10 +323,19 @@ class ChatExecutor:
         task: Tracked,
         instance: InstanceLoad,
         r: httpx.Response,
+        progress: DecodeProgress | None = None,
     ) -> ChatRun:
         created = int(self.clock())
         return ChatRun(
-            self, attempt.request, attempt.job, task, instance, r, spec.deployment, created
+            self,
+            attempt.request,
+            attempt.job,
+            task,
+            instance,
+            r,
+            spec.deployment,
+            created,
+            progress=progress,
         )
 
     # -- one colocated task ---------------------------------------------------------------------
@@ -527,13 +568,83 @@ class ChatExecutor:
                 await drop_transfer(self.http, handle)
                 raise
             self._dispatched(attempt, task, instance, note)
-            return self._run(spec, attempt, task, instance, response)
+            progress = DecodeProgress(spec.generate, prompt_tokens=handle.num_tokens)
+            return self._run(spec, attempt, task, instance, response, progress)
         await drop_transfer(self.http, handle)
         raise Unavailable(
             f"deployment {spec.deployment!r} has no decode instance for the request "
             f"({last_error}); retry later",
             code="no_ready_instance",
         )
+
+    async def resume(self, run: ChatRun, lost: InstanceLost) -> bool:
+        """A decode instance died mid-stream: fail its task and go on with a new decode task on
+        another instance, from the first token the client does not have (jobs/pd_resume.py).
+        True when the run goes on: its task, instance and stream are the new task's, or its
+        `usage` is set when the client already had the whole answer. False when the run is not
+        a decode's, was resumed `MAX_DECODE_RESUMES` times, or no instance took the new task."""
+        progress = run.progress
+        if progress is None:
+            return False
+        rec = self.recorder
+        rec.move(
+            run.task, TaskState.FAILED, lost.message, finished_at=self.clock(), error=lost.message
+        )
+        progress.lost.add(run.instance.id)
+        await run.let_go()
+        generate = progress.generate
+        if progress.complete(generate.sampling.max_tokens):
+            run.usage = completed_done(progress)
+            return True
+        if not progress.resumable():
+            return False
+        progress.resumes += 1
+        num_streamed = len(progress.token_ids)
+        log.warning(
+            "request %s: %s after %d tokens; resuming", run.request.id, lost.message, num_streamed
+        )
+        attempt = _Attempt(run.request, run.job)
+        run.task = task = self._new_task(
+            attempt, TaskKind.DECODE, f"resumes after {num_streamed} tokens: {lost.message}"
+        )
+        body = resumed_request(progress)
+        last_error = "no instance to resume on"
+        for _ in range(MAX_DISPATCH_ATTEMPTS):
+            instance = await self._resume_instance(run.model, frozenset(progress.lost))
+            if instance is None:
+                break
+            try:
+                response = await self._send(instance, body)
+            except httpx.TransportError as exc:
+                self.registry.release(instance.id)
+                progress.lost.add(instance.id)
+                last_error = f"instance {instance.id} unreachable: {exc.__class__.__name__}"
+                continue
+            except (InvalidRequest, UpstreamFailed) as exc:  # refused, and released by _send
+                last_error = exc.message
+                break
+            except BaseException:
+                self.registry.release(instance.id)
+                raise
+            progress.num_in_prompt = num_streamed
+            run.instance, run.response, run.held = instance, response, True
+            note = f" (resumed: recomputes the prompt and the {num_streamed} tokens streamed)"
+            self._dispatched(attempt, task, instance, note)
+            return True
+        rec.move(task, TaskState.FAILED, last_error, finished_at=self.clock(), error=last_error)
+        return False
+
+    async def _resume_instance(
+        self, deployment: str, exclude: frozenset[str]
+    ) -> InstanceLoad | None:
+        """Where a resumed decode runs: the least loaded decode instance, else a colocated
+        one, else any of the deployment's (each can run a whole request), waiting as a new
+        request does while none is ready."""
+        for role in ("decode", "colocated"):
+            choice = pick_instance(self.registry.candidates(deployment, role), exclude)
+            if choice is not None and self.registry.claim([choice.id]):
+                return choice
+        return await self.registry.acquire(deployment, self.dispatch_timeout_s, exclude)
 
     async def _send(self, instance: InstanceLoad, body: wire.GenerateRequest) -> httpx.Response:
         """The instance's stream. Raises KVUnusable (the instance is still claimed: the caller
