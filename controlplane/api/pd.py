@@ -74,6 +74,7 @@ class PDRoutes:
 
     async def get_profile(self, request: Request) -> Response:
         name = request.path_params["name"]
+        await self.executor.recorder.flush()  # the predictor is tested on every finished request
         return JSONResponse((await self.db.run(lambda s: self._info(s, name))).model_dump())
 
     async def create_profile(self, request: Request) -> Response:
