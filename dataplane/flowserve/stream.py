@@ -156,13 +156,16 @@ class RequestStream:
         )
         if not self.prefill_only:
             return done
-        if self._exported is None:
+        # Handed over once: the K/V (device memory, for a cuda_ipc hand-off) live on in the
+        # transfer store alone, not for as long as something still holds this stream.
+        exported, self._exported = self._exported, None
+        if exported is None:
             reason = self._choices[0].finish_reason
             return GenerateError(
                 message=f"the prefill ended ({reason}) without K/V to export",
                 code="kv_export_failed",
             )
-        return KVExported(done, self._exported)
+        return KVExported(done, exported)
 
     def on_output(self, index: int, out: StepOutput) -> OutputEvents:
         choice = self._choices[index]

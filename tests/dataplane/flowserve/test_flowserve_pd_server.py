@@ -8,10 +8,12 @@ share (FakeShare)."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -394,10 +396,14 @@ def test_unfetched_cuda_ipc_transfers_expire(tiny_model_dir: Path, tmp_path: Pat
         body = {"prompt": "Hello", "sampling": GREEDY}
         handle = prefill.prefill({**body, "request_id": "ie"}, "shm")
         assert handle.transport == "cuda_ipc" and prefill.kv_store.device_bytes > 0
+        kv = weakref.ref(prefill.kv_store._held[handle.transfer_id].kv.kv)  # type: ignore[union-attr]
         deadline = time.monotonic() + 5
         while prefill.kv_store.num_transfers and time.monotonic() < deadline:
             time.sleep(0.05)
         assert prefill.kv_store.num_transfers == 0 and prefill.kv_store.device_bytes == 0
+        # Nothing else holds the expired K/V (on a GPU: their device memory is freed).
+        gc.collect()
+        assert kv() is None, [type(r).__name__ for r in gc.get_referrers(kv())]
         assert prefill.metric(transfers("export", "expired")) == 1
         shared = httpx.post(f"{handle.location}/share", json={"peer": share.peer().to_json()})
         assert shared.status_code == 404
