@@ -25,7 +25,7 @@ from controlplane.db import file_store
 from controlplane.db import tables as t
 from controlplane.db.session import Database
 from controlplane.errors import InvalidRequest
-from controlplane.jobs.chat import new_id
+from controlplane.jobs.chat_run import new_id
 from controlplane.settings import Settings
 
 PURPOSES = frozenset(typing.get_args(wire.FilePurpose))

@@ -16,7 +16,8 @@ from controlplane.api.errors import parse_body
 from controlplane.db import fine_tune_store
 from controlplane.db.session import Database
 from controlplane.errors import DeepFlowError, InvalidRequest, NotFound, UpstreamFailed
-from controlplane.jobs.chat import ChatExecutor, ChatRun, ChatSpec, new_id
+from controlplane.jobs.chat import ChatExecutor
+from controlplane.jobs.chat_run import ChatRun, ChatSpec, new_id
 from controlplane.states import RequestKind
 
 FINGERPRINT = "deepflow-flowserve"

@@ -34,7 +34,7 @@ from controlplane.db.session import Database
 from controlplane.errors import Conflict, NotFound
 from controlplane.jobs import fine_tune_plan as plan
 from controlplane.jobs import fine_tune_steps as steps
-from controlplane.jobs.chat import new_id
+from controlplane.jobs.chat_run import new_id
 from controlplane.settings import Settings
 from controlplane.states import (
     FineTuneState,

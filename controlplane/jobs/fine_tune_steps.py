@@ -19,7 +19,7 @@ from controlplane.db import fine_tune_store as fts
 from controlplane.db import tables as t
 from controlplane.errors import InvalidRequest, NotFound
 from controlplane.jobs import fine_tune_plan as plan
-from controlplane.jobs.chat import new_id
+from controlplane.jobs.chat_run import new_id
 from controlplane.states import (
     FineTuneState,
     JobKind,

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from controlplane import wire
-from controlplane.jobs.chat import ChatExecutor, ChatSpec, new_id
+from controlplane.jobs.chat import ChatExecutor
+from controlplane.jobs.chat_run import ChatSpec, new_id
 from controlplane.routing.pd_heatmap import (
     DEFAULT_PROMPT_EDGES,
     DEFAULT_RATIO_EDGES,

@@ -29,7 +29,8 @@ from controlplane.db import store
 from controlplane.db.recorder import Recorder
 from controlplane.db.session import Database
 from controlplane.errors import UpstreamFailed
-from controlplane.jobs.chat import ChatExecutor, ChatRun, ChatSpec, new_id
+from controlplane.jobs.chat import ChatExecutor
+from controlplane.jobs.chat_run import ChatRun, ChatSpec, new_id
 from controlplane.jobs.pd_resume import MAX_DECODE_RESUMES
 from controlplane.registry import ReadyInstance, Registry
 from controlplane.states import RequestKind
