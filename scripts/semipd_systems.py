@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -127,23 +128,23 @@ class EngineLoop:
                 self._on_output(out, now)
 
 
-class System:
-    """A system under test: `submit` sends a request, `traces` collects what came back."""
+class System(ABC):
+    """A system under test: `submit` sends a request, `traces` collects what came back. Only
+    the sweep's thread adds traces; the engine threads append to a trace's lists."""
 
     name: str
 
     def __init__(self) -> None:
         self.traces: dict[str, Trace] = {}
-        self._lock = threading.Lock()
 
-    def submit(self, request_id: str, prompt: list[int], max_tokens: int) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def submit(self, request_id: str, prompt: list[int], max_tokens: int) -> None: ...
 
-    def errors(self) -> list[BaseException]:
-        raise NotImplementedError
+    @abstractmethod
+    def errors(self) -> list[BaseException]: ...
 
-    def close(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def close(self) -> None: ...
 
     def describe(self) -> dict[str, Any]:
         return {}
@@ -153,8 +154,7 @@ class System:
         return {}
 
     def _trace(self, request_id: str, max_tokens: int) -> None:
-        with self._lock:
-            self.traces[request_id] = Trace(time.perf_counter(), max_tokens)
+        self.traces[request_id] = Trace(time.perf_counter(), max_tokens)
 
     def _token(self, request_id: str, now: float, token_id: int) -> None:
         trace = self.traces[request_id]
