@@ -29,7 +29,9 @@ import gc
 import json
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -184,8 +186,20 @@ def run_point(
             "by_tokens_received": dict(Counter(min(len(t.token_times), 2) for t in stuck)),
             "sample": [(len(t.token_times), t.max_tokens) for t in stuck[:8]],
             **system.diagnose(),
+            "engine_threads": engine_stacks(),
         }
     return {**asdict(point), "timed_out": timed_out, **system.describe(), **extra}
+
+
+def engine_stacks() -> dict[str, list[str]]:
+    """Where each engine thread is now, innermost frames last (a point that timed out: a
+    thread blocked in a device sync shows here, one still stepping shows the step)."""
+    frames = sys._current_frames()
+    return {
+        f"{t.name}-{t.ident}": traceback.format_stack(frames[t.ident])[-6:]
+        for t in threading.enumerate()
+        if t.name == "bench-engine" and t.ident in frames
+    }
 
 
 def bench(args: argparse.Namespace, model: str) -> dict[str, Any]:
