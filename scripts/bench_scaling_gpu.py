@@ -6,9 +6,11 @@
 In one process, on one model of random bf16 weights (Llama-3.2-1B's shapes by default):
 
 1. DRAM cache -> GPU: the model's DRAM cache entry (one flat mapping) uploaded by each method of
-   `flowserve.device_upload` (pageable, staged through pinned buffers, registered), interleaved,
-   and the per-tensor copy FlowServe did before (`load_state_dict` from the mapping). The bound:
-   a copy from a pinned buffer of the same size (the best the PCIe link gives).
+   `flowserve.device_upload` (pageable, staged through pinned buffers, registered per upload,
+   and registered ahead as a warm pod does: a second mapping of the entry, registered before the
+   clock starts), interleaved, and the per-tensor copy FlowServe did before (`load_state_dict`
+   from the mapping). The bound: a copy from a pinned buffer of the same size (the best the
+   PCIe link gives).
 2. A FlowServe instance A started by the launcher (`cold`, weights from disk) exports its
    weights; a second, B, is launched on the `ipc` path and copies them device-to-device. Their
    startup reports and a greedy answer from each (equal) are printed.
@@ -41,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from controlplane.wire import InstanceHealth, InstanceStart  # noqa: E402
 from dataplane.agent.process import free_port  # noqa: E402
-from dataplane.flowserve import device_upload  # noqa: E402
+from dataplane.flowserve import device_upload, registered_cache  # noqa: E402
 from dataplane.flowserve.models import load_model  # noqa: E402
 from dataplane.flowserve.weights_cache import open_cached  # noqa: E402
 from dataplane.modelstore import create_random  # noqa: E402
@@ -79,24 +81,32 @@ def pinned_bound(nbytes: int, device: torch.device, reps: int = 5) -> float:
 
 def upload_bandwidth(model: Path, cache: Path, reps: int) -> dict[str, Any]:
     device = torch.device("cuda")
-    mapped = open_cached(cache, model, torch.bfloat16)
-    assert mapped is not None, "the entry was just preloaded"
+    mapped = open_cached(cache, model, torch.bfloat16)  # before any registration: a mapping
+    assert mapped is not None, "the entry was just preloaded"  # of its own, not registered
     results: dict[str, list[dict[str, float]]] = {
         "pageable": [],
         "staged": [],
         "staged-8-threads": [],
         "register": [],
+        "registered": [],
     }
     rings = {
         "staged": device_upload.prepare(),  # made before the clock starts, as a warm pod does
         "staged-8-threads": device_upload.StagingRing(device_upload.CHUNK_BYTES, 3, 8),
     }
+    began = time.perf_counter()  # as a warm pod does before it is handed its model
+    registered = registered_cache.register_entries(cache, None)
+    register_ahead_s = time.perf_counter() - began
+    ahead = open_cached(cache, model, torch.bfloat16)  # the registered mapping
+    assert ahead is not None
+    ahead_ptr = next(iter(ahead.tensors.values())).untyped_storage().data_ptr()
+    assert not registered or any(r.ptr == ahead_ptr for r in registered)
     for _ in range(reps):
         for name in results:
             method = "staged" if name in rings else name
             try:
                 up = device_upload.upload(
-                    mapped.tensors,
+                    ahead.tensors if name == "registered" else mapped.tensors,
                     device,
                     method,  # type: ignore[arg-type]
                     rings.get(name),
@@ -116,6 +126,10 @@ def upload_bandwidth(model: Path, cache: Path, reps: int) -> dict[str, Any]:
         torch.cuda.synchronize()
         per_tensor.append(time.perf_counter() - start)
         del m
+    del ahead
+    began = time.perf_counter()
+    registered_cache.release()
+    release_s = time.perf_counter() - began
     torch.cuda.empty_cache()
     summary: dict[str, Any] = {"nbytes": mapped.nbytes}
     for method, runs in results.items():
@@ -129,6 +143,8 @@ def upload_bandwidth(model: Path, cache: Path, reps: int) -> dict[str, Any]:
             "best_gb_s": max(r["gb_s"] for r in ok),
             "register_s": statistics.median(r["register_s"] for r in ok),
         }
+    if "error" not in summary["registered"]:  # outside the clock
+        summary["registered"] |= {"register_ahead_s": register_ahead_s, "release_s": release_s}
     t = statistics.median(per_tensor)
     summary["per_tensor_load_state_dict"] = {"median_s": t, "median_gb_s": mapped.nbytes / t / 1e9}
     summary["pinned_bound_gb_s"] = pinned_bound(mapped.nbytes, device)
@@ -262,15 +278,20 @@ def report(r: dict[str, Any]) -> None:
     gib = up["nbytes"] / 2**30
     print(f"{r['device']}, torch {r['torch']}, {r['date']}, commit {r['commit']}, {r['preset']}")
     print(f"\nDRAM cache -> GPU ({gib:.2f} GiB, median of the runs):")
-    for method in ("pageable", "staged", "staged-8-threads", "register"):
+    for method in ("pageable", "staged", "staged-8-threads", "register", "registered"):
         m = up[method]
         if "error" in m:
-            print(f"  {method:10} refused: {m['error']}")
+            print(f"  {method:16} refused: {m['error']}")
             continue
         extra = ""
         if method == "register":
             dma = up["nbytes"] / (m["median_s"] - m["register_s"]) / 1e9
             extra = f" (of which registration {m['register_s']:.3f} s; the DMA {dma:.1f} GB/s)"
+        if method == "registered":
+            extra = (
+                f" (registered ahead in {m['register_ahead_s']:.3f} s, released in "
+                f"{m['release_s']:.3f} s, both outside the clock)"
+            )
         print(
             f"  {method:16} {m['median_s']:.3f} s  {m['median_gb_s']:6.1f} GB/s  "
             f"best {m['best_gb_s']:.1f}{extra}"
@@ -278,7 +299,20 @@ def report(r: dict[str, Any]) -> None:
     pt = up["per_tensor_load_state_dict"]
     print(f"  {'per-tensor':10} {pt['median_s']:.3f} s  {pt['median_gb_s']:6.1f} GB/s  (before)")
     print(f"  bound: one copy from pinned memory {up['pinned_bound_gb_s']:.1f} GB/s")
+    best = max(
+        (
+            up[m]["median_gb_s"]
+            for m in ("staged", "register", "registered")
+            if "error" not in up[m]
+        ),
+        default=0.0,
+    )
+    upload_verdict = (
+        f"  DRAM cache -> GPU: {best:.1f} GB/s (target {TARGET_UPLOAD_GB_S:g}): "
+        f"{_verdict(best >= TARGET_UPLOAD_GB_S)}"
+    )
     if "instance_a" not in r:
+        print(f"\ntargets\n{upload_verdict}")
         return
     for name in ("instance_a", "instance_b"):
         inst = r[name]
@@ -300,18 +334,12 @@ def report(r: dict[str, Any]) -> None:
                 f"{m['min_s'] * 1e3:7.1f} ms  ({m['nbytes'] / 2**30:.2f} GiB, "
                 f"{m['storages']} storages)"
             )
-    best = max(
-        (up[m]["median_gb_s"] for m in ("staged", "register") if "error" not in up[m]), default=0.0
-    )
     print("\ntargets")
     for mode in ("share", "copy"):
         v = min(r["import_from_a"][mode]["median_s"], r["import_from_b"][mode]["median_s"])
         ok = _verdict(v <= TARGET_IMPORT_S)
         print(f"  weights by {mode}: {v:.3f} s (target {TARGET_IMPORT_S} s): {ok}")
-    print(
-        f"  DRAM cache -> GPU: {best:.1f} GB/s (target {TARGET_UPLOAD_GB_S:g}): "
-        f"{_verdict(best >= TARGET_UPLOAD_GB_S)}"
-    )
+    print(upload_verdict)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,7 @@ def scaleout_launcher(settings: AgentSettings) -> Launcher:
         pool = WarmPool(
             settings.warm_pool_size,
             log_dir=settings.scaleout_log_dir,
+            cache_dir=settings.cache_dir,
             torch_threads=settings.torch_threads,
         )
     return Launcher(

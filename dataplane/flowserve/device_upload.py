@@ -5,18 +5,22 @@ upload allocates one device buffer of the same layout, moves the region across a
 views of the buffer at the same offsets, which the model takes as its parameters (no per-tensor
 copy, no conversion). The bytes cross by one of:
 
-    register  cudaHostRegister the mapping (read-only) for this process, so the whole region
-              goes in one DMA; unregistered afterwards
-    staged    copy the region through a ring of pinned buffers in large chunks: the CPU fills
-              one while the copy engine drains another
-    pageable  one plain copy from the mapping; the driver stages it itself (the baseline)
+    registered  the mapping was registered ahead (`registered_cache`, a warm pod's): the whole
+                region goes in one DMA, with no registration on the path
+    register    cudaHostRegister the mapping (read-only) for this process, so the whole region
+                goes in one DMA; unregistered afterwards
+    staged      copy the region through a ring of pinned buffers in large chunks: the CPU fills
+                one while the copy engine drains another
+    pageable    one plain copy from the mapping; the driver stages it itself (the baseline)
 
-`staged` is the default: on an H100 (PCIe 5 x16, 51-55 GB/s from pinned memory) it moved a
-2.3 GiB entry at 31-36 GB/s (median) once its pinned ring was made ahead (18-22 GB/s when each
-upload pinned its own), `register` at 15-19 GB/s, of which 55-70% was the registration itself
-(pinning 600 K pages: 0.07-0.1 s, no faster when split over threads), the DMA after it at
-~43 GB/s; pageable 7-10 GB/s (docs/benchmarks/scaling-gpu.md).
-`$DEEPFLOW_UPLOAD_METHOD` overrides the default.
+`registered` is the default for a region registered ahead, `staged` for any other: on an H100
+(PCIe 5 x16, 51-55 GB/s from pinned memory) `staged` moved a 2.3 GiB entry at 31-36 GB/s
+(median) once its pinned ring was made ahead (18-22 GB/s when each upload pinned its own),
+`register` at 15-19 GB/s, of which 55-70% was the registration itself (pinning 600 K pages:
+0.07-0.1 s, no faster when split over threads), the DMA after it at ~43 GB/s, which is what
+`registered` is left with; pageable 7-10 GB/s (docs/benchmarks/scaling-gpu.md).
+`$DEEPFLOW_UPLOAD_METHOD` overrides the default (`registered` then fails on a region that is
+not registered).
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ from typing import Literal
 
 import torch
 
-UploadMethod = Literal["staged", "register", "pageable"]
-METHODS: tuple[UploadMethod, ...] = ("staged", "register", "pageable")
+from dataplane.flowserve import registered_cache
+
+UploadMethod = Literal["registered", "staged", "register", "pageable"]
+METHODS: tuple[UploadMethod, ...] = ("registered", "staged", "register", "pageable")
 METHOD_ENV = "DEEPFLOW_UPLOAD_METHOD"
 CHUNK_BYTES = 64 << 20
 NUM_STAGING_BUFFERS = 3
@@ -40,12 +46,11 @@ NUM_STAGING_BUFFERS = 3
 # (16 cores) eight threads filled slower than one (31 vs 36 GB/s for the whole upload), the
 # host's memory traffic (read the mapping, write the ring, the DMA reading it) being the bound.
 FILL_THREADS = 1
-# cudaHostRegisterPortable | cudaHostRegisterReadOnly: the mapping is PROT_READ.
-_REGISTER_FLAGS = 0x01 | 0x08
 
 
 class UploadError(Exception):
-    """The tensors are not one flat host region, or the driver refused to register it."""
+    """The tensors are not one flat host region, the driver refused to register it, or
+    `registered` was asked of a region that is not."""
 
 
 @dataclass(slots=True)
@@ -94,16 +99,26 @@ def upload(
     ring: StagingRing | None = None,
 ) -> Upload:
     """The tensors on `device` as views of one buffer. Raises UploadError when they are not one
-    flat host region, or when the driver refused to register it (`register`). `ring`: the
-    staging ring (default: the process's, `prepare()`)."""
-    method = method or _default_method()
+    flat host region, when the driver refused to register it (`register`), or when it is not
+    registered (`registered`). `method` None: `choose_method`. `ring`: the staging ring
+    (default: the process's, `prepare()`)."""
     region = flat_region(tensors)
+    ptr, nbytes = region.host.data_ptr(), region.host.numel()
+    method = method or choose_method(
+        os.environ.get(METHOD_ENV) or None, registered_cache.REGISTRY.covers(ptr, nbytes)
+    )
     if method == "staged" and ring is None:
         ring = prepare()
     started = time.perf_counter()
-    flat = torch.empty(region.host.numel(), dtype=torch.uint8, device=device)
+    flat = torch.empty(nbytes, dtype=torch.uint8, device=device)
     register_s = 0.0
-    if method == "register":
+    if method == "registered":
+        with registered_cache.REGISTRY.held(ptr, nbytes) as registered:
+            if not registered:
+                raise UploadError("the region was not registered ahead (registered_cache)")
+            flat.copy_(region.host, non_blocking=True)  # one DMA from the registered pages
+            torch.cuda.synchronize(device)
+    elif method == "register":
         register_s = _copy_registered(region.host, flat)
     elif method == "staged":
         assert ring is not None
@@ -120,11 +135,11 @@ def upload(
 
 
 def _copy_registered(host: torch.Tensor, flat: torch.Tensor) -> float:
-    """One DMA from the registered mapping; returns the seconds registration took."""
-    cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+    """One DMA from the mapping registered for it; returns the seconds registration took."""
+    cuda_host = registered_cache.CudaHost()
     ptr, nbytes = host.data_ptr(), host.numel()
     started = time.perf_counter()
-    code = int(cudart.cudaHostRegister(ptr, nbytes, _REGISTER_FLAGS))
+    code = cuda_host.register(ptr, nbytes)
     if code != 0:
         raise UploadError(f"cudaHostRegister refused the mapping (cudaError {code})")
     register_s = time.perf_counter() - started
@@ -132,7 +147,7 @@ def _copy_registered(host: torch.Tensor, flat: torch.Tensor) -> float:
         flat.copy_(host)  # one DMA straight from the registered pages
         torch.cuda.synchronize(flat.device)
     finally:
-        cudart.cudaHostUnregister(ptr)
+        cuda_host.unregister(ptr)
     return register_s
 
 
@@ -208,11 +223,15 @@ def _copy_staged(host: torch.Tensor, flat: torch.Tensor, ring: StagingRing) -> N
     stream.synchronize()
 
 
-def _default_method() -> UploadMethod:
-    value = os.environ.get(METHOD_ENV, "staged")
-    if value not in METHODS:
-        raise UploadError(f"${METHOD_ENV} must be one of {', '.join(METHODS)}, not {value!r}")
-    return value
+def choose_method(requested: str | None, registered: bool) -> UploadMethod:
+    """`requested` ($DEEPFLOW_UPLOAD_METHOD) when given; else `registered` for a region that
+    was registered ahead, `staged` for any other."""
+    if requested is None:
+        return "registered" if registered else "staged"
+    for method in METHODS:
+        if requested == method:
+            return method
+    raise UploadError(f"${METHOD_ENV} must be one of {', '.join(METHODS)}, not {requested!r}")
 
 
 def _nbytes(dtype: torch.dtype, shape: list[int]) -> int:

@@ -14,7 +14,8 @@ weight and config files' sizes and mtimes, so a changed folder is a different en
 A process that maps an entry holds a shared flock on its weights.bin for as long as it maps it
 (forked children share it); the node's cache (`dataplane.scaleout.dram_cache`) evicts only an
 entry it can lock exclusively. This module reads and writes entries; deciding what to keep is
-the cache's business.
+the cache's business. A warm pod on a GPU maps and registers entries ahead of need
+(`registered_cache`); `open_cached` then gives back that mapping.
 """
 
 from __future__ import annotations
@@ -30,11 +31,14 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from dataplane.flowserve.weights import weight_files
+
+if TYPE_CHECKING:
+    from dataplane.flowserve.device_upload import UploadMethod
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +118,9 @@ def write_entry(tensors: Mapping[str, torch.Tensor], dest: Path, *, model: str) 
     return nbytes
 
 
-def map_entry(entry: Path) -> MappedWeights | None:
-    """Map an entry read-only and shared, or None when it is absent or being evicted."""
+def map_entry(entry: Path, *, touch: bool = True) -> MappedWeights | None:
+    """Map an entry read-only and shared, or None when it is absent or being evicted. `touch`:
+    count this as a use on the cache's LRU clock (not when mapping ahead of need)."""
     try:
         fd = os.open(entry / DATA_FILE, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -151,18 +156,26 @@ def map_entry(entry: Path) -> MappedWeights | None:
         size = _numel(shape) * torch.empty((), dtype=dtype).element_size()
         start = int(spec["offset"])
         tensors[name] = flat[start : start + size].view(dtype).view(shape)
-    _touch(entry)
+    if touch:
+        _touch(entry)
     return MappedWeights(entry, tensors, nbytes)
 
 
 def open_cached(
     cache_dir: str | Path, model_path: str | Path, dtype: torch.dtype
 ) -> MappedWeights | None:
-    """The model's entry in the cache at `cache_dir`, mapped; None on a miss."""
+    """The model's entry in the cache at `cache_dir`, mapped; None on a miss. An entry this
+    process registered ahead (`registered_cache`) is that mapping, at the registered address."""
     try:
         entry = entry_dir(cache_dir, model_path, dtype)
     except OSError:  # the folder cannot be read: let the disk loader say why
         return None
+    from dataplane.flowserve import registered_cache  # it imports this module
+
+    registered = registered_cache.lookup(entry)
+    if registered is not None:
+        _touch(entry)
+        return registered
     return map_entry(entry)
 
 
@@ -199,6 +212,7 @@ class ReadyWeights:
     source: Literal["disk", "dram_cache", "zygote", "cuda_ipc", "device_copy"]
     tensors: Mapping[str, torch.Tensor] | None = None
     mapped: MappedWeights | None = None
+    upload_method: UploadMethod | None = None  # how a DRAM cache entry went onto the GPU
 
 
 def ready_weights(
@@ -212,7 +226,26 @@ def ready_weights(
     peer_mode: Literal["copy", "share"] = "copy",
 ) -> ReadyWeights:
     """`peer`: a running instance's weight socket (dataplane.scaleout.cuda_share), tried first
-    on CUDA; a peer that cannot give them is passed over (logged) for the cache, then disk."""
+    on CUDA; a peer that cannot give them is passed over (logged) for the cache, then disk.
+
+    This process serves one model from here on: the entries it registered ahead for others
+    (`registered_cache`) are released, so that the node's cache may evict them."""
+    from dataplane.flowserve import registered_cache  # it imports this module
+
+    weights = _ready_weights(given, cache_dir, model_path, dtype, device, peer, peer_mode)
+    registered_cache.keep_only(weights.mapped.entry if weights.mapped is not None else None)
+    return weights
+
+
+def _ready_weights(
+    given: Mapping[str, torch.Tensor] | None,
+    cache_dir: str | Path | None,
+    model_path: str | Path,
+    dtype: torch.dtype,
+    device: torch.device | None,
+    peer: str | None,
+    peer_mode: Literal["copy", "share"],
+) -> ReadyWeights:
     if given is not None:
         return ReadyWeights("zygote", given)
     on_cuda = device is not None and device.type == "cuda"
@@ -233,7 +266,16 @@ def ready_weights(
         from dataplane.flowserve.device_upload import UploadError, upload
 
         try:
-            return ReadyWeights("dram_cache", upload(mapped.tensors, device).tensors, mapped)
+            up = upload(mapped.tensors, device)
+            log.info(
+                "%s onto %s by %s: %.3f s, %.1f GB/s",
+                mapped.entry.name,
+                device,
+                up.method,
+                up.seconds,
+                up.gb_per_s,
+            )
+            return ReadyWeights("dram_cache", up.tensors, mapped, up.method)
         except UploadError as exc:  # the model copies them in, tensor by tensor
             log.warning("one-pass upload of %s: %s", mapped.entry, exc)
     return ReadyWeights("dram_cache", mapped.tensors, mapped)

@@ -1,6 +1,7 @@
-"""`python -m dataplane.scaleout.pod --control-fd N`: a warm pod.
+"""`python -m dataplane.scaleout.pod --control-fd N [--cache-dir DIR]`: a warm pod.
 
-It starts model-agnostic: imports torch, transformers and the engine, brings up the device, says
+It starts model-agnostic: imports torch, transformers and the engine, brings up the device (on a
+GPU it also maps and registers the entries of the node's DRAM cache, `registered_cache`), says
 `ready` on its control socket and waits. Handed a start command (`protocol.StartCommand`), it
 becomes that instance: loads the model (mapped from the node's DRAM cache when the cache holds
 it, else from the folder) and serves FlowServe's HTTP protocol in this process until SIGTERM.
@@ -18,19 +19,21 @@ import time
 
 from dataplane.flowserve.startup import process_started_at
 from dataplane.scaleout.protocol import Channel, Message, StartCommand
+from dataplane.scaleout.settings import default_cache_root
 
 
 def main(argv: list[str] | None = None) -> int:
     pod_at = process_started_at()
     parser = argparse.ArgumentParser(prog="python -m dataplane.scaleout.pod", description=__doc__)
     parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--cache-dir", default=None, help="the node's DRAM cache")
     args = parser.parse_args(argv)
     channel = Channel.from_fd(args.control_fd)
 
     from dataplane.scaleout import runtime
 
     runtime.warm_imports()
-    runtime.init_device()
+    runtime.init_device(args.cache_dir or default_cache_root())
     runtime_at = time.time()
     channel.send({"event": "ready", "pid": os.getpid(), "pod_at": pod_at, "runtime_at": runtime_at})
     message = channel.recv()
@@ -76,6 +79,9 @@ def train(channel: Channel, message: Message) -> int:
     os.close(fds[0])
     channel.send({"event": "training"})
     channel.close()
+    from dataplane.flowserve import registered_cache
+
+    registered_cache.release()  # no entry of the cache is this task's: let the cache evict them
     from dataplane.training.__main__ import main as train_main
 
     return train_main(["--spec", spec])

@@ -121,13 +121,17 @@ class WarmPool:
         size: int,
         *,
         log_dir: Path,
+        cache_dir: str | Path | None = None,
         torch_threads: int | None = None,
         boot_timeout_s: float = 300.0,
     ) -> None:
+        """`cache_dir`: the node's DRAM cache, whose entries a pod on a GPU registers ahead
+        (None: the pod's default, settings.default_cache_root())."""
         if size < 0:
             raise ValueError(f"the pool size must be at least 0, not {size}")
         self.size = size
         self.log_dir = log_dir
+        self.cache_dir = cache_dir
         self.torch_threads = torch_threads
         self.boot_timeout_s = boot_timeout_s
         self._ready: deque[WarmPod] = deque()
@@ -265,6 +269,8 @@ class WarmPool:
             "--control-fd",
             str(theirs.fileno()),
         ]
+        if self.cache_dir is not None:
+            argv += ["--cache-dir", str(self.cache_dir)]
         with log_path.open("ab") as out:
             proc = subprocess.Popen(
                 argv,

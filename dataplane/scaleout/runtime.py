@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dataplane.flowserve.startup import LaunchPath, StartupClock
@@ -49,8 +50,10 @@ def warm_imports() -> None:
     import dataplane.flowserve.server  # noqa: F401
 
 
-def init_device() -> str:
-    """Bring up the device an engine would pick (a CUDA context costs seconds); its kind."""
+def init_device(cache_dir: str | Path | None = None) -> str:
+    """Bring up the device an engine would pick (a CUDA context costs seconds); its kind. On
+    CUDA, with `cache_dir` (the node's DRAM cache), also map and register its entries, so that
+    the one this process is handed uploads in one DMA (`registered_cache`: what that pins)."""
     import torch
 
     from dataplane.flowserve.config import resolve_device
@@ -61,8 +64,26 @@ def init_device() -> str:
     if device.type == "cuda":
         from dataplane.flowserve import device_upload
 
-        device_upload.prepare()  # the pinned staging ring for a DRAM cache upload
+        device_upload.prepare()  # the pinned staging ring, for an entry not registered
+        if cache_dir is not None:
+            register_ahead(cache_dir)
     return device.type
+
+
+def register_ahead(cache_dir: str | Path) -> None:
+    """Register the cache's entries within $DEEPFLOW_REGISTER_AHEAD_BYTES; one line on
+    stderr (the pod's log) says what."""
+    from dataplane.flowserve import registered_cache
+
+    started = time.perf_counter()
+    registered = registered_cache.register_entries(cache_dir, registered_cache.budget_from_env())
+    gib = sum(r.nbytes for r in registered) / 2**30
+    print(
+        f"registered {len(registered)} DRAM cache entries of {cache_dir} ahead ({gib:.2f} GiB) "
+        f"in {time.perf_counter() - started:.2f} s",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def redirect_output(log_path: str, header: str) -> None:

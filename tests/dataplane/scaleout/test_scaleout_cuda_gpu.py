@@ -1,7 +1,8 @@
 """Weights into a new instance on a GPU, never from disk (run on the GPU machine: `pytest -m gpu`):
 from a running FlowServe instance through CUDA IPC, opened in place or copied device-to-device,
-and from the DRAM cache in one upload by every method. Each engine's greedy tokens equal those
-of an engine that read the folder, and its weights are bitwise the same."""
+and from the DRAM cache in one upload by every method (an entry registered ahead, as a warm pod
+does, by its own mapping with no registration on the path). Each engine's greedy tokens equal
+those of an engine that read the folder, and its weights are bitwise the same."""
 
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ import pytest
 import torch
 
 from dataplane.agent.process import child_env, free_port
-from dataplane.flowserve import device_upload
+from dataplane.flowserve import device_upload, registered_cache
 from dataplane.flowserve.config import EngineConfig
 from dataplane.flowserve.engine import Engine
 from dataplane.flowserve.sampling_params import SamplingParams
-from dataplane.flowserve.weights_cache import open_cached
+from dataplane.flowserve.weights_cache import open_cached, ready_weights
 from dataplane.scaleout.dram_cache import DramCache
 
 pytestmark = [
@@ -161,5 +162,71 @@ def test_weights_from_the_dram_cache_give_the_disk_tokens(
     disk, expected = from_disk
     engine = Engine(config(tiny_dir, weights_cache=str(cache_dir)))
     assert engine.weights.source == "dram_cache"
+    assert same_weights(engine, disk)
+    assert greedy(engine) == expected
+
+
+@pytest.fixture
+def registered(cache_dir: Path) -> Iterator[registered_cache.Registration]:
+    """The cache's entry registered ahead, as a warm pod registers it; released afterwards."""
+    registered_cache.release()
+    try:
+        added = registered_cache.register_entries(cache_dir, None)
+        if not added:
+            pytest.skip("this driver refuses read-only registration (see the log)")
+        (registration,) = added  # the cache holds the one entry
+        yield registration
+    finally:
+        registered_cache.release()
+
+
+def test_an_entry_registered_ahead_goes_in_one_dma_exactly(
+    tiny_dir: Path, cache_dir: Path, registered: registered_cache.Registration
+) -> None:
+    mapped = open_cached(cache_dir, tiny_dir, torch.bfloat16)
+    assert mapped is not None
+    assert next(iter(mapped.tensors.values())).untyped_storage().data_ptr() == registered.ptr
+    up = device_upload.upload(mapped.tensors, CUDA)  # the default, for a registered region
+    assert up.method == "registered"
+    assert up.register_seconds == 0.0
+    assert up.nbytes == mapped.nbytes == registered.nbytes
+    for name, host in mapped.tensors.items():
+        assert torch.equal(up.tensors[name].cpu(), host), name
+
+
+def test_an_override_still_picks_the_method(
+    tiny_dir: Path,
+    cache_dir: Path,
+    registered: registered_cache.Registration,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(device_upload.METHOD_ENV, "staged")
+    mapped = open_cached(cache_dir, tiny_dir, torch.bfloat16)
+    assert mapped is not None
+    up = device_upload.upload(mapped.tensors, CUDA)
+    assert up.method == "staged"
+    for name, host in mapped.tensors.items():
+        assert torch.equal(up.tensors[name].cpu(), host), name
+
+
+def test_ready_weights_upload_the_entry_registered_ahead(
+    tiny_dir: Path,
+    cache_dir: Path,
+    registered: registered_cache.Registration,
+    from_disk: tuple[Engine, list[list[int]]],
+) -> None:
+    weights = ready_weights(None, cache_dir, tiny_dir, torch.bfloat16, device=CUDA)
+    assert weights.source == "dram_cache" and weights.upload_method == "registered"
+    assert weights.mapped is not None and weights.tensors is not None
+    host = weights.mapped.tensors
+    assert next(iter(host.values())).untyped_storage().data_ptr() == registered.ptr
+    for name, tensor in weights.tensors.items():
+        assert tensor.device.type == "cuda"
+        assert torch.equal(tensor.cpu(), host[name]), name
+    # Its own entry stays registered: the next engine of this process takes the same path.
+    assert registered_cache.REGISTRY.entries() == [registered.entry]
+    disk, expected = from_disk
+    engine = Engine(config(tiny_dir, weights_cache=str(cache_dir)))
+    assert engine.weights.upload_method == "registered"
     assert same_weights(engine, disk)
     assert greedy(engine) == expected
