@@ -6,8 +6,9 @@ disaggregated pair (docs/pd.md).
 task(s) over HTTP and returns a `ChatRun` streaming from the colocated or decode instance; the API
 edge iterates `ChatRun.events()` and always calls `ChatRun.close()`, which settles every record
 that is still in flight (a client that went away cancels, an instance that failed fails) and
-releases the instance. A decode instance that dies mid-stream is replaced under the same run
-(`ChatExecutor.resume`, jobs/pd_resume.py).
+releases the instance. An instance that dies mid-stream under a decode task, or under a
+colocated task of one choice, is replaced under the same run (`ChatExecutor.resume`,
+jobs/pd_resume.py).
 """
 
 from __future__ import annotations
@@ -237,7 +238,7 @@ class ChatExecutor:
                 self._dispatched(attempt, task, instance, " (semi-PD)", schedule=schedule)
             else:
                 self._dispatched(attempt, task, instance)
-            return self._run(spec, attempt, task, instance, response)
+            return self._run(spec, attempt, task, instance, response, colocated_progress(spec))
         raise Unavailable(
             f"deployment {spec.deployment!r} has no ready instance ({last_error}); retry later",
             code="no_ready_instance",
@@ -356,7 +357,7 @@ class ChatExecutor:
             self.registry.release(instance.id)
             raise
         self._dispatched(attempt, task, instance, schedule=decision.record)
-        return self._run(spec, attempt, task, instance, response)
+        return self._run(spec, attempt, task, instance, response, colocated_progress(spec))
 
     async def _prefill(
         self, spec: ChatSpec, attempt: _Attempt, task: Tracked, decision: Decision
@@ -448,11 +449,13 @@ class ChatExecutor:
         )
 
     async def resume(self, run: ChatRun, lost: InstanceLost) -> bool:
-        """A decode instance died mid-stream: fail its task and go on with a new decode task on
-        another instance, from the first token the client does not have (jobs/pd_resume.py).
-        True when the run goes on: its task, instance and stream are the new task's, or its
-        `usage` is set when the client already had the whole answer. False when the run is not
-        a decode's, was resumed `MAX_DECODE_RESUMES` times, or no instance took the new task."""
+        """The instance of a decode task (or of a colocated task of one choice) died
+        mid-stream: fail its task and go on with a new task of its kind on another instance,
+        from the first token the client does not have (jobs/pd_resume.py). True when the run
+        goes on: its task, instance and stream are the new task's, or its `usage` is set when
+        the client already had the whole answer. False when the run cannot be resumed (no
+        `progress`), was resumed `MAX_DECODE_RESUMES` times, or no instance took the new
+        task."""
         progress = run.progress
         if progress is None:
             return False
@@ -475,7 +478,7 @@ class ChatExecutor:
         )
         attempt = _Attempt(run.request, run.job)
         run.task = task = self._new_task(
-            attempt, TaskKind.DECODE, f"resumes after {num_streamed} tokens: {lost.message}"
+            attempt, progress.kind, f"resumes after {num_streamed} tokens: {lost.message}"
         )
         body = resumed_request(progress)
         last_error = "no instance to resume on"
@@ -556,3 +559,12 @@ def _error_of(raw: bytes, status: int) -> tuple[str, str | None]:
         return body.error.message, body.error.code
     except (ValueError, ValidationError):
         return f"instance answered {status}: {raw[:200]!r}", None
+
+
+def colocated_progress(spec: ChatSpec) -> DecodeProgress | None:
+    """What a colocated task tracks to be resumed if its instance dies: one choice, no echo
+    (the resumed task's prompt would hold part of the answer)."""
+    generate = spec.generate
+    if generate.sampling.n != 1 or generate.echo:
+        return None
+    return DecodeProgress(generate, prompt_tokens=None, kind=TaskKind.COLOCATED)

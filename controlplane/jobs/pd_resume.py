@@ -1,11 +1,13 @@
-"""Resuming a decode task whose instance died mid-stream (docs/pd.md, "Failures").
+"""Resuming a task whose instance died mid-stream: a disaggregated request's decode task
+(docs/pd.md, "Failures") or a colocated request's one task (one choice, no echo).
 
-The client already holds some of the answer. The executor starts another decode task on another
-instance that can decode, with the prompt followed by the tokens streamed so far as its prompt
-(`generated_token_ids`: recomputed there, no K/V to fetch) and asking only for what is left of
-`max_tokens`, and relays that task's stream to the same client. Nothing is sent twice: the new
-task starts at the first token the client does not have. Greedy decoding gives the answer an
-unbroken decode would have given; sampling continues from the same tokens with a fresh draw.
+The client already holds some of the answer. The executor starts another task of the same
+kind on another instance that can decode, with the prompt followed by the tokens streamed so far
+as its prompt (`generated_token_ids`: recomputed there, no K/V to fetch) and asking only for
+what is left of `max_tokens`, and relays that task's stream to the same client. Nothing is
+sent twice: the new task starts at the first token the client does not have. Greedy decoding
+gives the answer an unbroken run would have given; sampling continues from the same tokens
+with a fresh draw.
 
 This module is the pure part: what the client has had, the resumed request, and the resumed
 task's done event restated for the whole request.
@@ -16,17 +18,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from controlplane import wire
+from controlplane.states import TaskKind
 
-# Decode tasks started after the first one died, per request: past this the request fails.
+# Tasks started after the first one died, per request: past this the request fails.
 MAX_DECODE_RESUMES = 2
 
 
 @dataclass(slots=True)
 class DecodeProgress:
-    """What the client received of one disaggregated request's answer (it has one choice)."""
+    """What the client received of one request's answer (it has one choice)."""
 
     generate: wire.GenerateRequest  # as the client asked for it
-    prompt_tokens: int  # the prompt's own, from the prefill's K/V handle
+    # The prompt's own: from the prefill's K/V handle, or the first delta of a colocated task.
+    prompt_tokens: int | None
+    kind: TaskKind = TaskKind.DECODE  # of the task a resume starts
     token_ids: list[int] = field(default_factory=list)
     finish_reason: wire.FinishReason | None = None
     resumes: int = 0
@@ -36,15 +41,19 @@ class DecodeProgress:
     lost: set[str] = field(default_factory=set)
 
     def add(self, delta: wire.GenerateDelta) -> None:
+        if self.prompt_tokens is None:
+            self.prompt_tokens = delta.prompt_tokens
         self.token_ids.extend(delta.token_ids)
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
 
     def complete(self, max_tokens: int | None) -> bool:
-        """The client has the whole answer; only the done event was lost."""
-        return self.finish_reason is not None or (
+        """The client has the whole answer; only the done event was lost (and the prompt's
+        length is known, for the usage)."""
+        whole = self.finish_reason is not None or (
             max_tokens is not None and len(self.token_ids) >= max_tokens
         )
+        return whole and self.prompt_tokens is not None
 
     def resumable(self) -> bool:
         return self.resumes < MAX_DECODE_RESUMES
@@ -84,6 +93,7 @@ def whole_done(done: wire.GenerateDone, progress: DecodeProgress) -> wire.Genera
 def completed_done(progress: DecodeProgress) -> wire.GenerateDone:
     """The done event of an answer the client has in full, whose instance died before its
     own done event."""
+    assert progress.prompt_tokens is not None  # `complete()` holds
     return wire.GenerateDone(
         prompt_tokens=progress.prompt_tokens, completion_tokens=len(progress.token_ids)
     )

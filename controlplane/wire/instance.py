@@ -116,6 +116,9 @@ class GenerateDelta(Open):
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
+    # On a stream's first delta: the prompt's tokens (the request's usage when the instance
+    # dies after its last token and before its done event).
+    prompt_tokens: int | None = None
 
 
 class KVImport(Open):

@@ -114,6 +114,7 @@ class RequestStream:
         )
         self._imported = kv_source.kv if kv_source is not None else None
         self._import_s = 0.0
+        self._sent_delta = False  # the first delta carries the prompt's length
         self._exported: PromptKV | None = None
         self._token_texts = token_texts
         self._choices = [
@@ -212,7 +213,9 @@ class RequestStream:
             token_ids=choice.pending_ids,
             logprobs=choice.pending_logprobs if choice.want_logprobs else None,
             finish_reason=reason,
+            prompt_tokens=None if self._sent_delta else len(self.prompt_token_ids),
         )
+        self._sent_delta = True
         choice.pending_ids, choice.pending_logprobs = [], []
         return OutputEvents(delta, abort_sequence)
 
