@@ -139,3 +139,35 @@ def test_quick_run_prints_the_table_and_writes_json(tmp_path: Path) -> None:
         for point in entry["points"]:
             assert point["num_finished"] == point["num_requests"]
     assert result["slo"]["ttft_s"] > 0 and set(result["ratios"]) == {"colocated", "disaggregated"}
+
+
+def _result(slo_ttft: float, systems: dict[str, list[tuple[float, float]]]) -> dict[str, object]:
+    return {
+        "slo": {"ttft_s": slo_ttft, "tpot_s": 0.01, "scale": 7.5},
+        "systems": {
+            name: {"points": [{"rate": r, "attainment": a} for r, a in points]}
+            for name, points in systems.items()
+        },
+    }
+
+
+def test_split_runs_merge_by_rate_and_refuse_other_slos(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    bench = importlib.import_module("bench_semipd")
+    first = _result(0.1, {"colocated": [(40, 0.95), (80, 0.5)], "semi-pd-dynamic": [(40, 1.0)]})
+    later = _result(0.1001, {"semi-pd-dynamic": [(40, 0.99), (120, 0.99), (160, 0.5)]})
+    merged = bench.merge([first, later])
+    dynamic = merged["systems"]["semi-pd-dynamic"]
+    assert [(p["rate"], p["attainment"]) for p in dynamic["points"]] == [
+        (40, 0.99),  # the later run's point at the same rate
+        (120, 0.99),
+        (160, 0.5),
+    ]
+    colocated = merged["systems"]["colocated"]["sustained_rate"]
+    assert colocated == pytest.approx(40 + 40 * 0.05 / 0.45)
+    assert dynamic["sustained_rate"] == pytest.approx(120 + 40 * 0.09 / 0.49)
+    ratio = merged["ratios"]["colocated"]
+    assert ratio["value"] == pytest.approx(dynamic["sustained_rate"] / colocated)
+    assert ratio["pass"] is True
+    with pytest.raises(SystemExit, match="SLOs differ"):
+        bench.merge([first, _result(0.2, {})])
