@@ -51,28 +51,21 @@ def test_client_disconnect_cancels_the_task(platform: Platform, chat_deployment:
         raise AssertionError("the instance kept generating after the client left")
 
 
-def test_instance_killed_mid_stream(platform: Platform) -> None:
-    info = platform.deploy("victim", replicas=1)
-    (instance,) = info["instances"]
-    c = openai.OpenAI(base_url=f"{platform.url}/v1", api_key="x", max_retries=0)
-    stream = c.chat.completions.create(
-        model="victim",
-        messages=LONG["messages"],
-        max_tokens=4000,
-        stream=True,
-        extra_body={"ignore_eos": True},
-    )
-    request_id = None
-    with pytest.raises(openai.APIError):
-        for i, chunk in enumerate(stream):
-            request_id = chunk.id
-            if i == 3:
-                os.kill(instance["pid"], signal.SIGKILL)
-    record = platform.request_record(request_id)
-    assert record["state"] == "failed" and record["error"]
-    assert record["jobs"][0]["state"] == "failed"
-    assert record["jobs"][0]["tasks"][0]["state"] == "failed"
-    # The node agent notices the death, the control plane records it and starts a replacement.
+def _kill_mid_stream(stream: openai.Stream, pid: int) -> tuple[str | None, int]:
+    """Read the stream, SIGKILLing `pid` after its fourth chunk: the request id and the
+    number of content chunks received."""
+    request_id, received = None, 0
+    for i, chunk in enumerate(stream):
+        request_id = chunk.id
+        received += sum(1 for c in chunk.choices if c.delta.content)
+        if i == 3:
+            os.kill(pid, signal.SIGKILL)
+    return request_id, received
+
+
+def _replaced(platform: Platform, instance: dict) -> dict:
+    """The node agent notices the death, the control plane records it and starts a replacement;
+    the replacement, once ready."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         dead = platform.api("GET", f"/api/v1/instances/{instance['id']}").json()
@@ -80,7 +73,50 @@ def test_instance_killed_mid_stream(platform: Platform) -> None:
             break
         time.sleep(0.3)
     assert dead["state"] == "failed", dead
-    platform.wait_ready("victim")
+    info = platform.wait_ready("victim")
+    (replacement,) = [i for i in info["instances"] if i["state"] == "ready"]
+    assert replacement["id"] != instance["id"]
+    return replacement
+
+
+def test_instance_killed_mid_stream(platform: Platform) -> None:
+    """A request of two choices fails with its instance; one of one choice goes on, on the
+    replacement, from the first token the client does not have."""
+    info = platform.deploy("victim", replicas=1)
+    (instance,) = info["instances"]
+    c = openai.OpenAI(base_url=f"{platform.url}/v1", api_key="x", max_retries=0)
+    two = c.chat.completions.create(
+        model="victim",
+        messages=LONG["messages"],
+        max_tokens=4000,
+        n=2,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    with pytest.raises(openai.APIError):
+        _kill_mid_stream(two, instance["pid"])
+    record = platform.request_record(two.response.headers["x-request-id"])
+    assert record["state"] == "failed" and record["error"]
+    assert record["jobs"][0]["state"] == "failed"
+    assert record["jobs"][0]["tasks"][0]["state"] == "failed"
+    instance = _replaced(platform, instance)
+
+    one = c.chat.completions.create(
+        model="victim",
+        messages=LONG["messages"],
+        max_tokens=2000,  # still generating when the kill lands
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    request_id, received = _kill_mid_stream(one, instance["pid"])
+    assert request_id is not None and received > 4
+    record = platform.request_record(request_id)
+    assert (record["state"], record["completion_tokens"]) == ("succeeded", 2000), record
+    tasks = [(t["kind"], t["state"], t["instance_id"]) for t in record["jobs"][0]["tasks"]]
+    assert tasks[0] == ("colocated", "failed", instance["id"])
+    assert [kind_state for *kind_state, _ in tasks[1:]] == [["colocated", "succeeded"]]
+    replacement = _replaced(platform, instance)
+    assert tasks[1][2] == replacement["id"]
     reply = c.chat.completions.create(model="victim", messages=LONG["messages"], max_tokens=3)
     assert reply.choices[0].message.content is not None
     platform.api("DELETE", "/api/v1/deployments/victim")
