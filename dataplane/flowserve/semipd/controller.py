@@ -239,6 +239,9 @@ class SLOController:
         self.tpot_model: TPOTModel | None = None
         self.last_window: Window | None = None
         self.last_decision: Decision | None = None
+        # The newest P90s a window measured (a window with too few samples keeps them).
+        self.last_ttft_p90: float | None = None
+        self.last_tpot_p90: float | None = None
         self.records: list[SwitchRecord] = []
 
     def observe_ttft(self, seconds: float) -> None:
@@ -258,9 +261,11 @@ class SLOController:
             samples, self._samples = self._samples, _Samples()
         window = self._close(samples, now)
         if window.ttft_p90 is not None:
+            self.last_ttft_p90 = window.ttft_p90
             self._ttft_points.append((window.prefill_share, window.ttft_p90))
             self.ttft_model = fit_ttft(self._ttft_points)
         if window.tpot_p90 is not None:
+            self.last_tpot_p90 = window.tpot_p90
             self._tpot_points.append((100 - window.prefill_share, window.tpot_p90))
             self.tpot_model = fit_tpot(self._tpot_points)
         decision = decide(window, self.prefill_share, self.config, self.ttft_model, self.tpot_model)

@@ -74,6 +74,9 @@ class SemiPDReport:
     last_window: dict[str, Any] | None
     last_decision: dict[str, Any] | None
     records: list[dict[str, Any]]
+    # The newest P90s a window measured (None until one has): what the gauges export.
+    ttft_p90_s: float | None = None
+    tpot_p90_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -253,6 +256,8 @@ class SemiPDEngine(Engine):
             last_window=asdict(window) if window else None,
             last_decision=_decision_dict(decision) if decision else None,
             records=[r.to_dict() for r in list(self._records)],
+            ttft_p90_s=controller.last_ttft_p90 if controller else None,
+            tpot_p90_s=controller.last_tpot_p90 if controller else None,
         )
 
 

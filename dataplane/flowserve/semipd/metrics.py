@@ -4,7 +4,8 @@ flowserve:semipd_prefill_share          gauge, percent of the device's compute
 flowserve:semipd_prefill_units          gauge, threads or SMs (and _decode_units)
 flowserve:semipd_switches_total         counter by reason (ttft_miss, tpot_miss,
                                         give_back; manual for set_split)
-flowserve:semipd_ttft_p90_seconds       gauge, the last window's (and _tpot_p90_seconds)
+flowserve:semipd_ttft_p90_seconds       gauge, the newest window's that measured it (and
+                                        _tpot_p90_seconds); absent until one has
 """
 
 from __future__ import annotations
@@ -27,16 +28,14 @@ class SemiPDCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         report = self._engine.report()
         labels, name = ["model_name"], [self._model_name]
-        gauges = [
+        gauges: list[tuple[str, str, float]] = [
             ("semipd_prefill_share", "The prefill worker's share, percent.", report.prefill_share),
             ("semipd_prefill_units", "Threads or SMs of the prefill worker.", report.prefill_units),
             ("semipd_decode_units", "Threads or SMs of the decode worker.", report.decode_units),
         ]
-        window = report.last_window or {}
-        for phase in ("ttft", "tpot"):
-            value = window.get(f"{phase}_p90")
+        for phase, value in (("ttft", report.ttft_p90_s), ("tpot", report.tpot_p90_s)):
             if value is not None:
-                doc = f"P90 {phase.upper()} of the SLO controller's last window."
+                doc = f"P90 {phase.upper()} of the newest controller window that measured it."
                 gauges.append((f"semipd_{phase}_p90_seconds", doc, value))
         for metric, doc, value in gauges:
             family = GaugeMetricFamily(PREFIX + metric, doc, labels=labels)

@@ -176,6 +176,10 @@ def test_windows_close_on_time_and_switches_are_recorded_with_their_inputs() -> 
     assert controller.tick(10.0) is None
     assert controller.last_decision is not None
     assert controller.last_decision.reason == Reason.NO_SAMPLES
+    # ... and the newest measured P90s (what the gauges export) stay the last full window's.
+    assert controller.last_window is not None and controller.last_window.ttft_p90 is None
+    assert controller.last_ttft_p90 == pytest.approx(0.3)
+    assert controller.last_tpot_p90 == pytest.approx(0.2)
 
 
 def test_models_are_fitted_from_the_windows_and_drive_the_steps() -> None:
