@@ -50,7 +50,8 @@ from controlplane.jobs.pd import (
     sched_request,
 )
 from controlplane.jobs.pd_resume import (
-    DecodeProgress,
+    StreamProgress,
+    colocated_progress,
     completed_done,
     resumed_request,
 )
@@ -194,7 +195,7 @@ class ChatExecutor:
         task: Tracked,
         instance: InstanceLoad,
         r: httpx.Response,
-        progress: DecodeProgress | None = None,
+        progress: StreamProgress | None = None,
     ) -> ChatRun:
         created = int(self.clock())
         return ChatRun(
@@ -238,7 +239,9 @@ class ChatExecutor:
                 self._dispatched(attempt, task, instance, " (semi-PD)", schedule=schedule)
             else:
                 self._dispatched(attempt, task, instance)
-            return self._run(spec, attempt, task, instance, response, colocated_progress(spec))
+            return self._run(
+                spec, attempt, task, instance, response, colocated_progress(spec.generate)
+            )
         raise Unavailable(
             f"deployment {spec.deployment!r} has no ready instance ({last_error}); retry later",
             code="no_ready_instance",
@@ -357,7 +360,7 @@ class ChatExecutor:
             self.registry.release(instance.id)
             raise
         self._dispatched(attempt, task, instance, schedule=decision.record)
-        return self._run(spec, attempt, task, instance, response, colocated_progress(spec))
+        return self._run(spec, attempt, task, instance, response, colocated_progress(spec.generate))
 
     async def _prefill(
         self, spec: ChatSpec, attempt: _Attempt, task: Tracked, decision: Decision
@@ -439,7 +442,7 @@ class ChatExecutor:
                 await drop_transfer(self.http, handle)
                 raise
             self._dispatched(attempt, task, instance, note)
-            progress = DecodeProgress(spec.generate, prompt_tokens=handle.num_tokens)
+            progress = StreamProgress(spec.generate, prompt_tokens=handle.num_tokens)
             return self._run(spec, attempt, task, instance, response, progress)
         await drop_transfer(self.http, handle)
         raise Unavailable(
@@ -454,7 +457,7 @@ class ChatExecutor:
         from the first token the client does not have (jobs/pd_resume.py). True when the run
         goes on: its task, instance and stream are the new task's, or its `usage` is set when
         the client already had the whole answer. False when the run cannot be resumed (no
-        `progress`), was resumed `MAX_DECODE_RESUMES` times, or no instance took the new
+        `progress`), was resumed `MAX_RESUMES` times, or no instance took the new
         task."""
         progress = run.progress
         if progress is None:
@@ -559,12 +562,3 @@ def _error_of(raw: bytes, status: int) -> tuple[str, str | None]:
         return body.error.message, body.error.code
     except (ValueError, ValidationError):
         return f"instance answered {status}: {raw[:200]!r}", None
-
-
-def colocated_progress(spec: ChatSpec) -> DecodeProgress | None:
-    """What a colocated task tracks to be resumed if its instance dies: one choice, no echo
-    (the resumed task's prompt would hold part of the answer)."""
-    generate = spec.generate
-    if generate.sampling.n != 1 or generate.echo:
-        return None
-    return DecodeProgress(generate, prompt_tokens=None, kind=TaskKind.COLOCATED)

@@ -15,7 +15,7 @@ from pydantic import TypeAdapter, ValidationError
 from controlplane import wire
 from controlplane.db.recorder import Tracked
 from controlplane.errors import UpstreamFailed
-from controlplane.jobs.pd_resume import DecodeProgress, whole_done
+from controlplane.jobs.pd_resume import StreamProgress, whole_done
 from controlplane.routing.pd_heatmap import Mode
 from controlplane.routing.policy import InstanceLoad
 from controlplane.states import JobState, RequestKind, RequestState, TaskState
@@ -55,7 +55,7 @@ class ChatRun:
     completion_tokens: int = 0
     closed: bool = field(default=False)
     # A decode task's run: what the client has, for a resumed task to go on from.
-    progress: DecodeProgress | None = None
+    progress: StreamProgress | None = None
     held: bool = True  # `instance` is claimed for this run (released once, on close or loss)
 
     @property

@@ -21,11 +21,11 @@ from controlplane import wire
 from controlplane.states import TaskKind
 
 # Tasks started after the first one died, per request: past this the request fails.
-MAX_DECODE_RESUMES = 2
+MAX_RESUMES = 2
 
 
 @dataclass(slots=True)
-class DecodeProgress:
+class StreamProgress:
     """What the client received of one request's answer (it has one choice)."""
 
     generate: wire.GenerateRequest  # as the client asked for it
@@ -56,10 +56,19 @@ class DecodeProgress:
         return whole and self.prompt_tokens is not None
 
     def resumable(self) -> bool:
-        return self.resumes < MAX_DECODE_RESUMES
+        return self.resumes < MAX_RESUMES
 
 
-def resumed_request(progress: DecodeProgress) -> wire.GenerateRequest:
+def colocated_progress(generate: wire.GenerateRequest) -> StreamProgress | None:
+    """What a colocated task tracks to be resumed if its instance dies: one choice, no echo
+    (the resumed task's prompt would hold part of the answer); its prompt's length comes with
+    its first delta."""
+    if generate.sampling.n != 1 or generate.echo:
+        return None
+    return StreamProgress(generate, prompt_tokens=None, kind=TaskKind.COLOCATED)
+
+
+def resumed_request(progress: StreamProgress) -> wire.GenerateRequest:
     """The request whose answer continues where the client's stops: the same input and
     sampling, the streamed tokens after the prompt, and `max_tokens` less what was streamed
     (with nothing streamed yet, the request as it came)."""
@@ -78,7 +87,7 @@ def resumed_request(progress: DecodeProgress) -> wire.GenerateRequest:
     )
 
 
-def whole_done(done: wire.GenerateDone, progress: DecodeProgress) -> wire.GenerateDone:
+def whole_done(done: wire.GenerateDone, progress: StreamProgress) -> wire.GenerateDone:
     """A resumed task's done event as the request's: the tokens it got in its prompt were
     the answer's, not the prompt's."""
     carried = progress.num_in_prompt
@@ -90,7 +99,7 @@ def whole_done(done: wire.GenerateDone, progress: DecodeProgress) -> wire.Genera
     )
 
 
-def completed_done(progress: DecodeProgress) -> wire.GenerateDone:
+def completed_done(progress: StreamProgress) -> wire.GenerateDone:
     """The done event of an answer the client has in full, whose instance died before its
     own done event."""
     assert progress.prompt_tokens is not None  # `complete()` holds

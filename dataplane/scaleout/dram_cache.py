@@ -173,11 +173,12 @@ class DramCache:
             model=str(index.get("model", "")),
             nbytes=int(index["nbytes"]),
             last_used=last_used,
-            in_use=_in_use(entry),
+            in_use=in_use(entry),
         )
 
 
-def _in_use(entry: Path) -> bool:
+def in_use(entry: Path) -> bool:
+    """Whether some process maps the entry (holds its shared flock): the cache cannot evict it."""
     try:
         fd = os.open(entry / wc.DATA_FILE, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:

@@ -7,6 +7,8 @@ import asyncio
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -97,3 +99,27 @@ class Instance:
     def in_flight(self) -> int:
         health = httpx.get(f"{self.url}/health", timeout=10).json()
         return int(health["num_requests_running"]) + int(health["num_requests_waiting"])
+
+
+@contextmanager
+def running(instances: dict[str, Instance]) -> Iterator[dict[str, Instance]]:
+    """Every instance started, and stopped at the end (a module fixture's body)."""
+    try:
+        for inst in instances.values():
+            inst.start()
+        yield instances
+    finally:
+        for inst in instances.values():
+            inst.stop()
+
+
+@contextmanager
+def no_faults(instances: dict[str, Instance]) -> Iterator[dict[str, Instance]]:
+    """The instances with no fault set, before and after (a test fixture's body)."""
+    for inst in instances.values():
+        inst.faults.reset()
+    try:
+        yield instances
+    finally:
+        for inst in instances.values():
+            inst.faults.reset()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live_instances import Instance
+from live_instances import Instance, no_faults, running
 
 from controlplane import wire
 from controlplane.db import store
@@ -38,23 +38,14 @@ PROMPT = "The lighthouse keeper climbed the stairs and"
 def instances(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Instance]]:
     model = create_random(tmp_path_factory.mktemp("models") / "tiny", "tiny")
     kv = KVTransferConfig(tmp_path_factory.mktemp("kv"))
-    started = {name: Instance(model, "colocated", kv) for name in ("c1", "c2")}
-    try:
-        for inst in started.values():
-            inst.start()
+    with running({name: Instance(model, "colocated", kv) for name in ("c1", "c2")}) as started:
         yield started
-    finally:
-        for inst in started.values():
-            inst.stop()
 
 
 @pytest.fixture
 def fresh(instances: dict[str, Instance]) -> Iterator[dict[str, Instance]]:
-    for inst in instances.values():
-        inst.faults.reset()
-    yield instances
-    for inst in instances.values():
-        inst.faults.reset()
+    with no_faults(instances):
+        yield instances
 
 
 def request(n: int = 1) -> wire.GenerateRequest:

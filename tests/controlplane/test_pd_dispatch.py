@@ -2,7 +2,7 @@
 loopback in this process, each behind `Faults`, which breaks it the ways a process breaks.
 
 A decode instance whose stream breaks mid-answer is resumed on another instance with no token
-repeated and the greedy answer unchanged, at most `MAX_DECODE_RESUMES` times; K/V whose fetch
+repeated and the greedy answer unchanged, at most `MAX_RESUMES` times; K/V whose fetch
 times out are recomputed on the decode instance; a prefill that never answers hits the
 executor's prefill timeout and the request still succeeds; a cancel during the prefill leaves
 every record terminal and nothing claimed or running."""
@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from live_instances import Instance
+from live_instances import Instance, no_faults, running
 
 from controlplane import wire
 from controlplane.db import store
@@ -28,7 +28,7 @@ from controlplane.db.session import Database
 from controlplane.errors import UpstreamFailed
 from controlplane.jobs.chat import ChatExecutor
 from controlplane.jobs.chat_run import ChatRun, ChatSpec, new_id
-from controlplane.jobs.pd_resume import MAX_DECODE_RESUMES
+from controlplane.jobs.pd_resume import MAX_RESUMES
 from controlplane.registry import ReadyInstance, Registry
 from controlplane.states import RequestKind
 from dataplane.flowserve.kv_transfer import KVTransferConfig
@@ -52,22 +52,14 @@ def instances(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, In
         "d1": Instance(model, "decode", kv),
         "d2": Instance(model, "decode", kv),
     }
-    try:
-        for inst in started.values():
-            inst.start()
+    with running(started):
         yield started
-    finally:
-        for inst in started.values():
-            inst.stop()
 
 
 @pytest.fixture
 def fresh(instances: dict[str, Instance]) -> Iterator[dict[str, Instance]]:
-    for inst in instances.values():
-        inst.faults.reset()
-    yield instances
-    for inst in instances.values():
-        inst.faults.reset()
+    with no_faults(instances):
+        yield instances
 
 
 NODES = {"p1": "n1", "d1": "n2", "d2": "n2"}
@@ -231,12 +223,12 @@ def test_resumes_are_bounded(tmp_path: Path, fresh: dict[str, Instance]) -> None
             await platform.request(generate)
         assert failed.value.code == "instance_failed"
         info = await platform.record(generate.request_id)
-        assert info.state == "failed" and info.completion_tokens == 3 * (1 + MAX_DECODE_RESUMES)
+        assert info.state == "failed" and info.completion_tokens == 3 * (1 + MAX_RESUMES)
         (job,) = info.jobs
         assert job.state == "failed"
         assert [(t.kind, t.state) for t in job.tasks] == [("prefill", "succeeded")] + [
             ("decode", "failed")
-        ] * (1 + MAX_DECODE_RESUMES)
+        ] * (1 + MAX_RESUMES)
 
     scenario(tmp_path, fresh, body)
 

@@ -12,8 +12,8 @@ from pydantic import ValidationError
 from controlplane import wire
 from controlplane.jobs.pd import PolicyBook, PolicyInputs, prompt_text, sched_request
 from controlplane.jobs.pd_resume import (
-    MAX_DECODE_RESUMES,
-    DecodeProgress,
+    MAX_RESUMES,
+    StreamProgress,
     completed_done,
     resumed_request,
     whole_done,
@@ -118,7 +118,7 @@ def test_the_prefix_index_remembers_and_forgets_instances() -> None:
     assert set(book.matches("d", text)) == {"i2"}
 
 
-def _progress(max_tokens: int | None, streamed: list[int]) -> DecodeProgress:
+def _progress(max_tokens: int | None, streamed: list[int]) -> StreamProgress:
     generate = wire.GenerateRequest(
         request_id="r",
         messages=[wire.ChatMessage(role="user", content="Hi")],
@@ -133,7 +133,7 @@ def _progress(max_tokens: int | None, streamed: list[int]) -> DecodeProgress:
             export_s=0.0,
         ),
     )
-    progress = DecodeProgress(generate, prompt_tokens=9)
+    progress = StreamProgress(generate, prompt_tokens=9)
     if streamed:
         progress.add(wire.GenerateDelta(index=0, text="ab", token_ids=streamed))
     return progress
@@ -166,7 +166,7 @@ def test_an_answer_is_complete_at_its_finish_reason_or_max_tokens() -> None:
     done = completed_done(progress)
     assert (done.prompt_tokens, done.completion_tokens) == (9, 4)
     assert progress.resumable()
-    progress.resumes = MAX_DECODE_RESUMES
+    progress.resumes = MAX_RESUMES
     assert not progress.resumable()
 
 

@@ -4,7 +4,6 @@ that the engine's weights come from the registered mapping. The driver is a stan
 
 from __future__ import annotations
 
-import fcntl
 import gc
 import os
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from dataplane.flowserve import registered_cache as rc
 from dataplane.flowserve import weights_cache as wc
 from dataplane.flowserve.device_upload import UploadError, choose_method, upload
-from dataplane.scaleout.dram_cache import DramCache
+from dataplane.scaleout.dram_cache import DramCache, in_use
 
 
 class FakeHost:
@@ -46,15 +45,8 @@ def make_entry(root: Path, name: str, nbytes: int, last_used: float) -> Path:
 
 def pinned(entry: Path) -> bool:
     """Whether some mapping holds the entry's flock (the cache could not evict it)."""
-    gc.collect()
-    fd = os.open(entry / wc.DATA_FILE, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    gc.collect()  # a mapping only garbage still refers to is no holder
+    return in_use(entry)
 
 
 def candidate(name: str, nbytes: int, last_used: float) -> rc.Candidate:
