@@ -17,13 +17,11 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import httpx
 from pydantic import ValidationError
 
 from controlplane import wire
-from controlplane.db import tables as t
 from controlplane.db.recorder import Recorder, Tracked
 from controlplane.errors import (
     DeepFlowError,
@@ -33,13 +31,13 @@ from controlplane.errors import (
     Unavailable,
     UpstreamFailed,
 )
+from controlplane.jobs.chat_records import Attempt, AttemptRecords
 from controlplane.jobs.chat_run import (
     ChatRun,
     ChatSpec,
     InstanceLost,
     KVUnusable,
     kv_fields,
-    new_id,
 )
 from controlplane.jobs.pd import (
     PolicyBook,
@@ -67,20 +65,11 @@ from controlplane.routing.dist_sched import (
 )
 from controlplane.routing.pd_heatmap import Mode
 from controlplane.routing.policy import InstanceLoad, pick_instance
-from controlplane.states import JobKind, JobState, RequestKind, RequestState, TaskKind, TaskState
+from controlplane.states import RequestState, TaskKind, TaskState
 
 log = logging.getLogger(__name__)
 
 MAX_DISPATCH_ATTEMPTS = 3
-
-
-@dataclass(slots=True)
-class _Attempt:
-    """The records of one request being dispatched: settled together if dispatch fails."""
-
-    request: Tracked
-    job: Tracked
-    tasks: list[Tracked] = field(default_factory=list)
 
 
 class ChatExecutor:
@@ -106,6 +95,7 @@ class ChatExecutor:
             None, thresholds=RouterThresholds(), refresh_s=30.0, clock=clock
         )
         self.prefill_timeout_s = prefill_timeout_s
+        self.records = AttemptRecords(recorder, clock)
 
     async def start(self, spec: ChatSpec) -> ChatRun:
         if not self.registry.has_deployment(spec.deployment):
@@ -116,7 +106,7 @@ class ChatExecutor:
             )
         if self.registry.inflight_requests >= self.max_inflight_requests:
             raise Overloaded("too many requests in flight; retry later", code="overloaded")
-        attempt = self._create_records(spec)
+        attempt = self.records.create(spec)
         self.registry.inflight_requests += 1
         try:
             mode = self.registry.mode_of(spec.deployment)
@@ -127,71 +117,13 @@ class ChatExecutor:
             self.registry.inflight_requests -= 1
             error = exc.message if isinstance(exc, DeepFlowError) else repr(exc)
             outcome = RequestState.FAILED if isinstance(exc, Exception) else RequestState.CANCELLED
-            self._settle_unstarted(attempt, outcome, error)
+            self.records.settle_unstarted(attempt, outcome, error)
             raise
-
-    def _create_records(self, spec: ChatSpec) -> _Attempt:
-        now = self.clock()
-        request = Tracked("request", spec.generate.request_id, RequestState.QUEUED)
-        job = Tracked("job", new_id("job"), JobState.PENDING)
-        job_kind = JobKind.CHAT if spec.kind == RequestKind.CHAT_COMPLETION else JobKind.COMPLETION
-        rows: list[t.Base] = [
-            t.Request(
-                id=request.id,
-                kind=spec.kind.value,
-                deployment=spec.deployment,
-                state=request.state.value,
-                created_at=now,
-                prompt_chars=len(prompt_text(spec.generate)),
-            ),
-            t.Job(
-                id=job.id,
-                request_id=request.id,
-                kind=job_kind.value,
-                state=job.state.value,
-                created_at=now,
-            ),
-        ]
-        self.recorder.create(rows, [request, job], "accepted")
-        return _Attempt(request, job)
-
-    def _new_task(self, attempt: _Attempt, kind: TaskKind, reason: str) -> Tracked:
-        task = Tracked("task", new_id("task"), TaskState.PENDING)
-        row = t.Task(
-            id=task.id,
-            job_id=attempt.job.id,
-            kind=kind.value,
-            state=task.state.value,
-            created_at=self.clock(),
-        )
-        self.recorder.create([row], [task], reason)
-        attempt.tasks.append(task)
-        return task
-
-    def _dispatched(
-        self,
-        attempt: _Attempt,
-        task: Tracked,
-        instance: InstanceLoad,
-        note: str = "",
-        **fields: object,
-    ) -> None:
-        now = self.clock()
-        self.recorder.move(
-            task,
-            TaskState.DISPATCHED,
-            f"dispatched to {instance.id}{note}",
-            instance_id=instance.id,
-            node_id=instance.node_id,
-            started_at=now,
-        )
-        self.recorder.move(attempt.job, JobState.RUNNING, "task dispatched", **fields)
-        self.recorder.move(attempt.request, RequestState.RUNNING, "job running")
 
     def _run(
         self,
         spec: ChatSpec,
-        attempt: _Attempt,
+        attempt: Attempt,
         task: Tracked,
         instance: InstanceLoad,
         r: httpx.Response,
@@ -212,8 +144,8 @@ class ChatExecutor:
 
     # -- one colocated task ---------------------------------------------------------------------
 
-    async def _dispatch(self, spec: ChatSpec, attempt: _Attempt) -> ChatRun:
-        task = self._new_task(attempt, TaskKind.COLOCATED, "accepted")
+    async def _dispatch(self, spec: ChatSpec, attempt: Attempt) -> ChatRun:
+        task = self.records.new_task(attempt, TaskKind.COLOCATED, "accepted")
         tried: set[str] = set()
         last_error = "no ready instance"
         for _ in range(MAX_DISPATCH_ATTEMPTS):
@@ -236,9 +168,9 @@ class ChatExecutor:
                 raise
             if self.registry.runs_semi_pd(instance.id):
                 schedule = {"mode": SEMI_PD, "instance": instance.id}
-                self._dispatched(attempt, task, instance, " (semi-PD)", schedule=schedule)
+                self.records.dispatched(attempt, task, instance, " (semi-PD)", schedule=schedule)
             else:
-                self._dispatched(attempt, task, instance)
+                self.records.dispatched(attempt, task, instance)
             return self._run(
                 spec, attempt, task, instance, response, colocated_progress(spec.generate)
             )
@@ -249,7 +181,7 @@ class ChatExecutor:
 
     # -- a PD deployment: the scheduler picks colocated or a prefill/decode pair ----------------
 
-    async def _dispatch_pd(self, spec: ChatSpec, attempt: _Attempt) -> ChatRun:
+    async def _dispatch_pd(self, spec: ChatSpec, attempt: Attempt) -> ChatRun:
         text = prompt_text(spec.generate)
         request = sched_request(spec.generate, text)
         mode = self.registry.mode_of(spec.deployment)
@@ -265,7 +197,7 @@ class ChatExecutor:
                 break
             if decision.mode == "colocated":
                 assert decision.instance is not None
-                task = self._new_task(attempt, TaskKind.COLOCATED, "scheduled: colocated")
+                task = self.records.new_task(attempt, TaskKind.COLOCATED, "scheduled: colocated")
                 run = await self._try_colocated(spec, attempt, task, decision)
                 if run is not None:
                     return run
@@ -273,7 +205,8 @@ class ChatExecutor:
                 last_error = f"instance {decision.instance.id} unreachable"
                 continue
             assert decision.prefill is not None and decision.decode is not None
-            prefill_task = self._new_task(attempt, TaskKind.PREFILL, "scheduled: disaggregated")
+            reason = "scheduled: disaggregated"
+            prefill_task = self.records.new_task(attempt, TaskKind.PREFILL, reason)
             try:
                 handle = await self._prefill(spec, attempt, prefill_task, decision)
             except PrefillFailed as exc:
@@ -345,7 +278,7 @@ class ChatExecutor:
         return frozenset({"colocated", "prefill", "decode"})
 
     async def _try_colocated(
-        self, spec: ChatSpec, attempt: _Attempt, task: Tracked, decision: Decision
+        self, spec: ChatSpec, attempt: Attempt, task: Tracked, decision: Decision
     ) -> ChatRun | None:
         instance = decision.instance
         assert instance is not None
@@ -359,11 +292,11 @@ class ChatExecutor:
         except BaseException:
             self.registry.release(instance.id)
             raise
-        self._dispatched(attempt, task, instance, schedule=decision.record)
+        self.records.dispatched(attempt, task, instance, schedule=decision.record)
         return self._run(spec, attempt, task, instance, response, colocated_progress(spec.generate))
 
     async def _prefill(
-        self, spec: ChatSpec, attempt: _Attempt, task: Tracked, decision: Decision
+        self, spec: ChatSpec, attempt: Attempt, task: Tracked, decision: Decision
     ) -> wire.KVHandle:
         """The prefill task: K/V and first token from the prefill instance. Raises PrefillFailed
         with the task failed; a cancel leaves the task for `start` to settle."""
@@ -372,7 +305,7 @@ class ChatExecutor:
         transport: wire.KVTransport = (
             "shm" if prefill.node_id is not None and prefill.node_id == decode.node_id else "stream"
         )
-        self._dispatched(attempt, task, prefill, schedule=decision.record)
+        self.records.dispatched(attempt, task, prefill, schedule=decision.record)
         try:
             handle, prompt_tokens = await run_prefill(
                 self.http, prefill, spec.generate, transport, self.prefill_timeout_s
@@ -396,7 +329,7 @@ class ChatExecutor:
     async def _decode(
         self,
         spec: ChatSpec,
-        attempt: _Attempt,
+        attempt: Attempt,
         decision: Decision,
         handle: wire.KVHandle,
         tried: set[str],
@@ -405,7 +338,7 @@ class ChatExecutor:
         unreachable decode instance is replaced by another; K/V it cannot use is recomputed
         from the prompt on the same instance."""
         instance: InstanceLoad | None = decision.decode
-        task = self._new_task(attempt, TaskKind.DECODE, "prefill done")
+        task = self.records.new_task(attempt, TaskKind.DECODE, "prefill done")
         body = spec.generate.model_copy(update={"kv_source": handle})
         note = ""
         last_error = "no decode instance"
@@ -441,7 +374,7 @@ class ChatExecutor:
                 self.registry.release(instance.id)
                 await drop_transfer(self.http, handle)
                 raise
-            self._dispatched(attempt, task, instance, note)
+            self.records.dispatched(attempt, task, instance, note)
             progress = StreamProgress(spec.generate, prompt_tokens=handle.num_tokens)
             return self._run(spec, attempt, task, instance, response, progress)
         await drop_transfer(self.http, handle)
@@ -479,8 +412,8 @@ class ChatExecutor:
         log.warning(
             "request %s: %s after %d tokens; resuming", run.request.id, lost.message, num_streamed
         )
-        attempt = _Attempt(run.request, run.job)
-        run.task = task = self._new_task(
+        attempt = Attempt(run.request, run.job)
+        run.task = task = self.records.new_task(
             attempt, progress.kind, f"resumes after {num_streamed} tokens: {lost.message}"
         )
         body = resumed_request(progress)
@@ -505,7 +438,7 @@ class ChatExecutor:
             progress.num_in_prompt = num_streamed
             run.instance, run.response, run.held = instance, response, True
             note = f" (resumed: recomputes the prompt and the {num_streamed} tokens streamed)"
-            self._dispatched(attempt, task, instance, note)
+            self.records.dispatched(attempt, task, instance, note)
             return True
         rec.move(task, TaskState.FAILED, last_error, finished_at=self.clock(), error=last_error)
         return False
@@ -542,18 +475,6 @@ class ChatExecutor:
         if 400 <= response.status_code < 500:
             raise InvalidRequest(message, code=code)
         raise UpstreamFailed(message, code=code)
-
-    def _settle_unstarted(self, attempt: _Attempt, outcome: RequestState, error: str) -> None:
-        now = self.clock()
-        for task in attempt.tasks:
-            if not task.terminal:
-                self.recorder.move(
-                    task, TaskState(outcome.value), error, finished_at=now, error=error
-                )
-        self.recorder.move(
-            attempt.job, JobState(outcome.value), error, finished_at=now, error=error
-        )
-        self.recorder.move(attempt.request, outcome, error, finished_at=now, error=error)
 
 
 def _error_of(raw: bytes, status: int) -> tuple[str, str | None]:
